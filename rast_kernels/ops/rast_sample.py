@@ -1,0 +1,234 @@
+"""``rast_sample``: the fused RAST sampling step (combine three logit rows, temperature, filters, draw).
+
+Semantics (the spec every backend is tested against; see :mod:`.rast_sample_reference`):
+
+1. Combine in fp32: ``z = base + alpha * (expert - expert_base)`` over columns ``[0, vocab_size)``.
+   A ``-inf`` in any of the three inputs at a column masks that column (``-inf - -inf`` is never formed).
+2. ``temperature == 0`` is greedy: the highest ``z`` wins, ties to the lowest id; filters and random
+   numbers are then irrelevant and the logprob is 0. Otherwise ``z' = z / temperature``.
+3. Filters, in Hugging Face ``generate`` order, each on what the previous one kept:
+   top-k (``k <= 0`` or ``k >= vocab_size`` is off) keeps every token with fewer than ``k`` tokens
+   strictly above it; top-p (``p >= 1`` is off) keeps every token whose strictly more probable kept
+   tokens hold less than ``p`` of the kept mass; min-p (``0`` is off) keeps tokens with
+   ``prob >= min_p * max prob``. Ties at a boundary are kept, so the kept set never depends on sort
+   order, and the most probable token is always kept.
+4. The draw is exact: ``argmax over kept i of (z'_i - log E_i)`` (exponential race, equivalent to
+   Gumbel-max) with ``E_i ~ Exp(1)`` from Philox4x32-10 keyed by ``(seed, offset, column)`` of that row
+   only (:mod:`.philox`). The same row with the same seed and offset gives the same token whatever else
+   is in the batch and whatever the backend.
+5. A row whose combined logits hold NaN or ``+inf``, in which every column is masked, or whose
+   per-row parameter tensor value is out of range gets token ``-1`` and logprob NaN; other rows are
+   unaffected. Argument errors raise ``ValueError``/``TypeError`` naming the argument.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Union
+
+import torch
+
+from .. import _backends
+from .rast_sample_reference import rast_sample_reference
+
+Param = Union[float, int, torch.Tensor]
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BACKENDS = ("auto", "triton", "cpp", "torch")
+
+
+@dataclass
+class SamplingParams:
+    """Validated sampling parameters: each a Python number or a ``[B]`` tensor on the logits' device
+    (float32 for ``alpha``, ``temperature``, ``top_p``, ``min_p``; int64 for ``top_k``, ``seed``, ``offset``)."""
+
+    alpha: Param
+    temperature: Param
+    top_k: Param
+    top_p: Param
+    min_p: Param
+    seed: Param
+    offset: Param
+
+    def as_tensors(self, batch: int, device) -> "SamplingParams":
+        """Every field as a contiguous ``[B]`` tensor (numbers broadcast)."""
+        def full(name, value):
+            if isinstance(value, torch.Tensor):
+                return value
+            return torch.full((batch,), value, dtype=_PARAM_DTYPES[name], device=device)
+        return SamplingParams(**{f.name: full(f.name, getattr(self, f.name)) for f in fields(self)})
+
+
+_PARAM_DTYPES = {
+    "alpha": torch.float32, "temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32,
+    "top_k": torch.int64, "seed": torch.int64, "offset": torch.int64,
+}
+
+# host-side range checks for numbers; tensor values are checked per row inside the kernels (no host reads)
+_NUMBER_CHECKS = {
+    "alpha": (lambda v: math.isfinite(v), "a finite number"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    "top_k": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: -(2**63) <= v < 2**63, "an int64"),
+    "offset": (lambda v: -(2**63) <= v < 2**63, "an int64"),
+}
+
+
+def _check_param(name: str, value, batch: int, device) -> Param:
+    integral = _PARAM_DTYPES[name] == torch.int64
+    if isinstance(value, torch.Tensor):
+        if value.shape != (batch,):
+            raise ValueError(f"{name}: expected a number or a tensor of shape [{batch}], got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name}: tensor is on {value.device}, the logits are on {device}")
+        if integral and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise TypeError(f"{name}: expected an integer tensor, got {value.dtype}")
+        if not integral and not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+        return value.to(_PARAM_DTYPES[name]).contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number or a [B] tensor, got {type(value).__name__}")
+    if integral and not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    ok, what = _NUMBER_CHECKS[name]
+    if not ok(value):
+        raise ValueError(f"{name}: must be {what}, got {value!r}")
+    return int(value) if integral else float(value)
+
+
+def _check_logits(base, expert, expert_base):
+    named = {"base_logits": base, "expert_logits": expert, "expert_base_logits": expert_base}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor [B, V], got shape {tuple(t.shape)}")
+        if t.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"{name}: dtype must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got stride {t.stride(1)}")
+        if t.shape[0] != base.shape[0]:
+            raise ValueError(f"{name}: batch size {t.shape[0]} differs from base_logits' {base.shape[0]}")
+        if t.device != base.device:
+            raise ValueError(f"{name}: on {t.device}, base_logits is on {base.device}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name}: has no columns")
+
+
+def rast_sample(
+    base_logits: torch.Tensor,
+    expert_logits: torch.Tensor,
+    expert_base_logits: torch.Tensor,
+    *,
+    alpha: Param = 1.0,
+    temperature: Param = 1.0,
+    top_k: Param = 0,
+    top_p: Param = 1.0,
+    min_p: Param = 0.0,
+    vocab_size: int | None = None,
+    seed: Param = 0,
+    offset: Param = 0,
+    out: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    backend: str = "auto",
+):
+    """Draw one token per row from ``base + alpha * (expert - expert_base)`` after temperature,
+    top-k, top-p and min-p (module docstring: the exact semantics).
+
+    Parameters
+    ----------
+    base_logits, expert_logits, expert_base_logits : torch.Tensor
+        ``[B, V_base]``, ``[B, V_expert]``, ``[B, V_expert_base]``; float32, bfloat16 or float16 (may
+        differ); one device; last dim contiguous, any row stride. Widths may differ.
+    alpha, temperature, top_k, top_p, min_p, seed, offset : number or torch.Tensor
+        Python numbers, or ``[B]`` tensors on the logits' device holding per-row values. Nothing is
+        read back to the host, so the call can be captured in a CUDA graph; advance an ``offset``
+        tensor in place between replays for fresh draws.
+    vocab_size : int, optional
+        Number of real token ids (default: the narrowest width). Columns at or past it are never drawn.
+    out : torch.Tensor, optional
+        Preallocated int64 ``[B]`` filled in place and returned.
+    return_logprobs : bool
+        Also return the fp32 log-probability ``[B]`` of each chosen token under the final filtered,
+        renormalised distribution (0 for greedy rows).
+    backend : {"auto", "triton", "cpp", "torch"}
+        ``"auto"``: Triton on CUDA, the compiled C++ kernel on CPU (the reference if it is not built).
+        ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1``. ``"torch"``: the reference.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
+        Token ids int64 ``[B]`` in ``[0, vocab_size)`` or ``-1`` for a bad row; with
+        ``return_logprobs`` also the fp32 ``[B]`` logprobs (NaN for a bad row).
+    """
+    _check_logits(base_logits, expert_logits, expert_base_logits)
+    batch, device = base_logits.shape[0], base_logits.device
+    widest_allowed = min(t.shape[1] for t in (base_logits, expert_logits, expert_base_logits))
+    if vocab_size is None:
+        vocab_size = widest_allowed
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size: expected an int, got {type(vocab_size).__name__}")
+    elif not 0 < vocab_size <= widest_allowed:
+        raise ValueError(f"vocab_size: must be in [1, {widest_allowed}] (the narrowest logits width), got {vocab_size}")
+    vocab_size = int(vocab_size)
+    params = SamplingParams(**{
+        name: _check_param(name, value, batch, device)
+        for name, value in dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, seed=seed, offset=offset).items()
+    })
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != torch.int64 or out.shape != (batch,) or out.device != device:
+            raise ValueError(f"out: expected an int64 tensor of shape [{batch}] on {device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs: expected a bool, got {type(return_logprobs).__name__}")
+    backend = _resolve_backend(backend, device)
+
+    if batch == 0:
+        tokens = out if out is not None else torch.empty(0, dtype=torch.int64, device=device)
+        empty_lp = torch.empty(0, dtype=torch.float32, device=device)
+        return (tokens, empty_lp) if return_logprobs else tokens
+
+    tokens = out if out is not None else torch.empty(batch, dtype=torch.int64, device=device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
+    if backend == "torch":
+        t, lp = rast_sample_reference(base_logits, expert_logits, expert_base_logits, vocab_size=vocab_size,
+                                      return_logprobs=True, **{f.name: getattr(params, f.name) for f in fields(params)})
+        tokens.copy_(t)
+        if logprobs is not None:
+            logprobs.copy_(lp)
+    elif backend == "triton":
+        from .rast_sample_triton import rast_sample_triton
+        rast_sample_triton(base_logits, expert_logits, expert_base_logits, params, vocab_size, tokens, logprobs)
+    else:
+        p = params.as_tensors(batch, device)
+        _backends.cpp_module().rast_sample_cpu(
+            base_logits, expert_logits, expert_base_logits, p.alpha, p.temperature, p.top_k, p.top_p,
+            p.min_p, p.seed, p.offset, vocab_size, tokens, logprobs)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def _resolve_backend(backend, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _backends.has_triton():
+            return "triton"
+        if device.type == "cpu" and _backends.has_cpp_cpu():
+            return "cpp"
+        return "torch"
+    if backend == "triton":
+        if not _backends.has_triton():
+            raise ValueError("backend: 'triton' requested but Triton is not importable")
+        if device.type == "cpu" and not _backends.triton_interpreting():
+            raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported")
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend: 'cpp' runs on CPU tensors, the logits are on {device}")
+        if not _backends.has_cpp_cpu():
+            raise ValueError("backend: 'cpp' requested but rast_kernels._C is not built (reinstall the package)")
+    return backend
