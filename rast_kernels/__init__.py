@@ -2,5 +2,7 @@
 __version__ = "0.1.0"
 
 from .ops import SamplingParams, rast_sample, rast_sample_reference
+from .engine import GenerationOutput, RastEngine, rast_generate
 
-__all__ = ["SamplingParams", "rast_sample", "rast_sample_reference", "__version__"]
+__all__ = ["GenerationOutput", "RastEngine", "SamplingParams", "rast_generate", "rast_sample",
+           "rast_sample_reference", "__version__"]

@@ -78,9 +78,11 @@ def rast_sample_reference(
     tokens = torch.full((batch,), -1, dtype=torch.int64, device=device)
     logprobs = torch.full((batch,), math.nan, dtype=torch.float32, device=device)
 
-    bad_param = ~(temp >= 0) | (k < 0) | ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))
+    bad_param = ~((temp >= 0) & (temp < math.inf)) | (k < 0) | ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))
     bad_row = torch.isnan(z).any(1) | (z == math.inf).any(1) | ~(z > -math.inf).any(1) | bad_param
-    greedy = (temp == 0) & ~bad_row
+    # temperature 0 is greedy; so is a temperature so small that z / T overflows (the T -> 0 limit)
+    zmax = z.max(1).values
+    greedy = ((temp == 0) | ((zmax / temp).abs() == math.inf)) & ~bad_row
     # greedy: highest z, ties to the lowest id (torch.argmax returns the first maximum)
     tokens[greedy] = z[greedy].argmax(1)
     logprobs[greedy] = 0.0

@@ -280,3 +280,17 @@ def test_reference_kept_set_matches_the_literal_definition():
             alive &= (w / w.sum()) >= m[r] * (w.max() / w.sum())
             assert torch.equal(keep[r], alive), (trial, r)
             assert keep[r][zr.argmax()]  # the most probable token is always kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_limits(backend):
+    """A temperature so small that z / T overflows is the greedy limit; an infinite one is a bad value."""
+    trio = _trio(3, seed=13)
+    greedy = rast_sample(*trio, temperature=0.0, backend=backend)
+    tiny = rast_sample(*trio, temperature=1e-38, top_p=0.9, offset=5, backend=backend)
+    assert torch.equal(tiny, greedy)
+    temps = torch.tensor([1.0, math.inf, 0.5], device=DEVICE)
+    tokens = rast_sample(*trio, temperature=temps, backend=backend)
+    assert tokens[1].item() == -1 and tokens[0].item() >= 0 and tokens[2].item() >= 0
+    with pytest.raises(ValueError, match="temperature"):
+        rast_sample(*trio, temperature=math.inf)

@@ -1,0 +1,340 @@
+"""Benchmark three-model RAST decoding: this engine against the peer loop and the weight-bandwidth floor.
+
+For a trio (base, expert, expert base) of random-init models built from the real configs in
+``benchmarks/configs`` and each batch size, it reports ms per decode token (all rows advance together)
+and tokens/s for
+
+* ``engine``: ``rast_kernels.RastEngine(...).generate`` (CUDA graph on CUDA). Its per-token time is
+  ``(T(N) - T(1)) / (N - 1)`` from two ``generate`` calls with N and 1 new tokens, so the prefill cancels;
+* ``peer_loop``: the peer baseline (``peer_loop.py``: eager HF forwards with ``DynamicCache``, the
+  HF-style sampler chain, a host sync per token), timed per step;
+* ``base_alone``: the base model alone, (1) through the same engine with the expert and expert base
+  replaced by tiny 1-layer stubs (``RastEngine`` has no single-model mode; alpha = 0 would still run the
+  two small models) and (2) in the same eager HF loop as the peer baseline;
+* ``floor``: bytes of all weights of the three models read once per step over the device's copy
+  bandwidth (measured here), and the same for the base alone.
+
+Examples::
+
+    python benchmarks/bench_decode.py --out out/                        # Qwen2.5-7B + 2 x Qwen2.5-1.5B, B=1 and 8
+    python benchmarks/bench_decode.py --trio llama --batch 1 --out out/ # Llama-3.1-8B + 2 x Llama-3.2-1B
+    python benchmarks/bench_decode.py --tiny --out out/                 # tiny random models on CPU (smoke)
+
+Writes ``decode.json`` under ``--out``. Random weights: the numbers are about speed, not text.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import models
+from bench_sampler import copy_bandwidth, device_name, utc_now, versions, write_json
+from peer_loop import peer_generate, peer_generate_single
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SYSTEMS = ("engine", "peer_loop", "base_alone", "floor")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trio", default="qwen", choices=sorted(models.TRIOS),
+                   help="base/expert/expert-base configs: "
+                   + "; ".join(f"{k}={'+'.join(v)}" for k, v in models.TRIOS.items()))
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random Qwen2-family models (different vocab widths) on CPU in fp32: a smoke run")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights (default bf16; fp32 with --tiny)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; 1 2 with --tiny)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 256; 16 with --tiny)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128; 8 with --tiny)")
+    p.add_argument("--peer-new-tokens", type=int, default=None, help="tokens for the peer loop (default: --new-tokens)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per system, median taken (default 3; 1 with --tiny)")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95, help="RAST's runs use 0.95")
+    p.add_argument("--no-cuda-graph", action="store_true", help="engine: use_cuda_graph=False")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="engine cache length (default: prompt + new tokens + 16)")
+    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth probe size (default 1024 CUDA, 64 CPU)")
+    p.add_argument("--out", type=Path, default=None, help="directory for decode.json")
+    args = p.parse_args(argv)
+    args.command = " ".join([Path(__file__).name, *(sys.argv[1:] if argv is None else argv)])
+    tiny = args.tiny
+    args.device = args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    args.dtype = args.dtype or ("fp32" if tiny else "bf16")
+    args.batch = args.batch or ([1, 2] if tiny else [1, 8])
+    args.prompt_len = args.prompt_len or (16 if tiny else 256)
+    args.new_tokens = args.new_tokens or (8 if tiny else 128)
+    args.peer_new_tokens = args.peer_new_tokens or args.new_tokens
+    args.repeats = args.repeats or (1 if tiny else 3)
+    if args.new_tokens < 2 or args.peer_new_tokens < 2:
+        p.error("--new-tokens and --peer-new-tokens must be at least 2 (per-token times need two points)")
+    return args
+
+
+def build_trio(args) -> tuple[list, list[str]]:
+    """The three models on ``args.device`` and their names."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.tiny:
+        # different padded widths, as Qwen2.5-7B (152064) vs 1.5B (151936): the sampler sees vocab_size = 480
+        configs = [models.tiny_config("qwen2", 512), models.tiny_config("qwen2", 480), models.tiny_config("qwen2", 480)]
+        names = ["tiny-qwen2-v512", "tiny-qwen2-v480", "tiny-qwen2-v480"]
+        trio = [models.build_model(c, device=device, dtype=dtype, seed=i, std=0.1) for i, c in enumerate(configs)]
+    else:
+        names = list(models.TRIOS[args.trio])
+        trio = [models.build_model(n, device=device, dtype=dtype, seed=i) for i, n in enumerate(names)]
+    return trio, names
+
+
+def stub_pair(trio, args) -> list:
+    """Two 1-layer, 64-wide random models of the base's family with the expert's and expert base's
+    vocabulary widths: stand-ins that let the engine decode "the base model alone" at the cost of the
+    base plus two tiny forwards (well under 1% of the weight bytes of a 7B base)."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    family = trio[0].config.model_type
+    widths = [m.get_output_embeddings().weight.shape[0] for m in trio[1:]]
+    return [models.build_model(models.tiny_config(family, w, num_hidden_layers=1), device=device, dtype=dtype,
+                               seed=10 + i, std=0.1) for i, w in enumerate(widths)]
+
+
+def make_prompts(B: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``B`` random prompts of ``length`` ids in ``[2, vocab)`` (ids 0/1 are pad/eos in the tiny configs)."""
+    gen = torch.Generator().manual_seed(seed + B)
+    return torch.randint(2, vocab, (B, length), generator=gen).tolist()
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EngineRunner:
+    """Adapter over ``rast_kernels.RastEngine``: builds it once and times ``generate``."""
+
+    def __init__(self, trio, args, max_batch: int, tokenizer):
+        from rast_kernels import RastEngine
+
+        self.args = args
+        max_seq_len = args.max_seq_len or args.prompt_len + args.new_tokens + 16
+        self.engine = RastEngine(*trio, tokenizer=tokenizer, dtype=DTYPES[args.dtype], max_batch_size=max_batch,
+                                 max_seq_len=max_seq_len, use_cuda_graph=not args.no_cuda_graph)
+
+    def time_generate(self, prompts, n: int) -> float:
+        _sync(self.args.device)
+        t = time.perf_counter()
+        # random models can draw an EOS id by chance (about 1 in V per token): eos_token_id=[] disables
+        # EOS stopping, so every row runs exactly n steps
+        outs = self.engine.generate(prompts, max_new_tokens=n, alpha=self.args.alpha, temperature=self.args.temperature,
+                                    top_p=self.args.top_p, seed=0, eos_token_id=[], progress=False)
+        _sync(self.args.device)
+        elapsed = time.perf_counter() - t
+        lengths = {len(o.token_ids) for o in outs}
+        if lengths != {n}:
+            reasons = sorted({o.finish_reason for o in outs})
+            raise RuntimeError(f"engine produced {sorted(lengths)} tokens per row, not {n} (finish reasons {reasons})")
+        return elapsed
+
+
+def time_engine(runner: EngineRunner, prompts, n: int, repeats: int) -> dict:
+    runner.time_generate(prompts, min(n, 4))  # warm-up: graph capture for this batch size, allocator
+    t1s, tns = [], []
+    for _ in range(repeats):
+        t1s.append(runner.time_generate(prompts, 1))
+        tns.append(runner.time_generate(prompts, n))
+    t1, tn = statistics.median(t1s), statistics.median(tns)
+    if tn <= t1:
+        raise RuntimeError(f"T({n}) = {tn:.4f} s <= T(1) = {t1:.4f} s: timing noise exceeds the decode time; "
+                           "use more --new-tokens or --repeats")
+    return {"ms_per_token": (tn - t1) / (n - 1) * 1e3, "first_token_ms": t1 * 1e3, "e2e_s": tn,
+            "runs_e2e_s": tns, "runs_first_token_s": t1s}
+
+
+def time_peer(trio, prompts, n: int, repeats: int, args, vocab_size: int) -> dict:
+    kw = dict(alpha=args.alpha, temperature=args.temperature, top_p=args.top_p, vocab_size=vocab_size)
+    peer_generate(*trio, prompts[:1], max_new_tokens=2, **kw)  # warm-up (kernels, allocator)
+    steps, prefills, e2e = [], [], []
+    for r in range(repeats):
+        res = peer_generate(*trio, prompts, max_new_tokens=n, seed=r, **kw)
+        steps.append(statistics.median(res.step_s))
+        prefills.append(res.prefill_s)
+        e2e.append(res.prefill_s + sum(res.step_s))
+    return {"ms_per_token": statistics.median(steps) * 1e3, "first_token_ms": statistics.median(prefills) * 1e3,
+            "e2e_s": statistics.median(e2e), "runs_e2e_s": e2e}
+
+
+def time_base_alone_eager(base, prompts, n: int, repeats: int, args) -> dict:
+    """The base model alone in the same eager loop (its own logits through the HF-style sampler)."""
+    kw = dict(temperature=args.temperature, top_p=args.top_p)
+    peer_generate_single(base, prompts[:1], max_new_tokens=2, **kw)
+    steps, e2e = [], []
+    for r in range(repeats):
+        res = peer_generate_single(base, prompts, max_new_tokens=n, seed=r, **kw)
+        steps.append(statistics.median(res.step_s))
+        e2e.append(res.prefill_s + sum(res.step_s))
+    return {"ms_per_token": statistics.median(steps) * 1e3, "e2e_s": statistics.median(e2e), "runs_e2e_s": e2e}
+
+
+def _attempt(system: str, fn, **extra) -> dict:
+    """``{"system": ..., **extra, **fn()}``, or the error if ``fn`` raises (one broken system must not
+    lose the others' numbers)."""
+    row = {"system": system, **extra}
+    try:
+        row.update(fn())
+    except Exception as exc:
+        traceback.print_exc()
+        row.update(ms_per_token=None, error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def run(args, checkpoint=None) -> dict:
+    """Time every system; ``checkpoint(result)`` (optional) gets the result so far after each row."""
+    device = torch.device(args.device)
+    bw = copy_bandwidth(device, args.copy_mib or (1024 if device.type == "cuda" else 64))
+    t = time.perf_counter()
+    trio, names = build_trio(args)
+    build_s = time.perf_counter() - t
+    family = trio[0].config.model_type
+    vocab_size = 470 if args.tiny else models.TOKENIZER_LEN[family]
+    all_bytes, base_bytes = models.weight_bytes(*trio), models.weight_bytes(trio[0])
+    for m in trio:  # the peer loop runs Hugging Face's default attention; the engine picks its own later
+        if hasattr(m, "set_attn_implementation"):
+            m.set_attn_implementation("sdpa")
+        else:
+            m.config._attn_implementation = "sdpa"
+    meta = {
+        "benchmark": "decode", "device": device_name(device), "device_type": device.type, "versions": versions(),
+        "date": utc_now(), "trio": "tiny" if args.tiny else args.trio, "models": names, "dtype": args.dtype,
+        "weight_GB": all_bytes / 1e9, "base_weight_GB": base_bytes / 1e9, "copy_bandwidth_GBps": bw / 1e9,
+        "model_build_s": build_s, "vocab_size": vocab_size,
+        "lm_head_widths": [m.get_output_embeddings().weight.shape[0] for m in trio],
+        "sampling": {"alpha": args.alpha, "temperature": args.temperature, "top_p": args.top_p},
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "peer_new_tokens": args.peer_new_tokens,
+        "repeats": args.repeats, "use_cuda_graph": not args.no_cuda_graph, "command": args.command,
+        "peer_attn_implementation": "sdpa",
+    }
+    print(f"# {meta['device']}; {'+'.join(names)} {args.dtype}, {all_bytes / 1e9:.2f} GB of weights "
+          f"(built in {build_s:.1f} s); copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    prompts = {B: make_prompts(B, args.prompt_len, vocab_size) for B in args.batch}
+    rows = []
+
+    def finish():
+        _add_derived(rows)
+        for row in rows:
+            row.update(trio=meta["trio"], models=names, dtype=args.dtype, device=meta["device"],
+                       torch=torch.__version__, transformers=meta["versions"]["transformers"], date=meta["date"])
+        if checkpoint is not None:
+            checkpoint({"meta": meta, "rows": rows})
+
+    def common(B, n=None):
+        extra = {"B": B, "prompt_len": args.prompt_len}
+        if n is not None:
+            extra["new_tokens"] = n
+        return extra
+
+    # the eager baselines first: the engine may switch the models to its own attention implementation
+    for B in args.batch:
+        if "floor" in args.systems:
+            rows.append({"system": "floor", **common(B), "ms_per_token": all_bytes / bw * 1e3,
+                         "note": "weight bytes of the three models / copy bandwidth (KV-cache reads not counted)"})
+            rows.append({"system": "floor_base_alone", **common(B), "ms_per_token": base_bytes / bw * 1e3,
+                         "note": "weight bytes of the base model / copy bandwidth"})
+        if "peer_loop" in args.systems:
+            rows.append(_attempt("peer_loop", lambda: time_peer(trio, prompts[B], args.peer_new_tokens, args.repeats,
+                                                                args, vocab_size),
+                                 **common(B, args.peer_new_tokens),
+                                 note="eager HF forwards + DynamicCache + HF-style sampler chain, host sync per token"))
+        if "base_alone" in args.systems:
+            rows.append(_attempt("base_alone_eager",
+                                 lambda: time_base_alone_eager(trio[0], prompts[B], args.peer_new_tokens, args.repeats,
+                                                               args),
+                                 **common(B, args.peer_new_tokens),
+                                 note="base model alone in the same eager HF loop"))
+        _print_rows([r for r in rows if r["B"] == B])
+        finish()
+    engine_runs = []
+    if "engine" in args.systems:
+        engine_runs.append(("engine", lambda: trio, f"RastEngine.generate, use_cuda_graph={not args.no_cuda_graph}; "
+                                                    "(T(N) - T(1)) / (N - 1)"))
+    if "base_alone" in args.systems:
+        engine_runs.append(("base_alone_engine", lambda: [trio[0], *stub_pair(trio, args)],
+                            "the engine with the expert and expert base replaced by 1-layer, 64-wide stubs of the "
+                            "same family and vocabulary (RastEngine has no single-model mode): the base model's "
+                            "decode through the engine plus two tiny forwards"))
+    tokenizer = models.placeholder_tokenizer(vocab_size)
+    for system, make_models, note in engine_runs:
+        runner, runner_error = None, None
+        try:
+            runner = EngineRunner(make_models(), args, max(args.batch), tokenizer)
+        except Exception as exc:
+            traceback.print_exc()
+            runner_error = f"{type(exc).__name__}: {exc}"
+        for B in args.batch:
+            if runner is None:
+                rows.append({"system": system, **common(B, args.new_tokens), "ms_per_token": None,
+                             "error": runner_error})
+            else:
+                rows.append(_attempt(system, lambda: time_engine(runner, prompts[B], args.new_tokens, args.repeats),
+                                     **common(B, args.new_tokens), note=note))
+            _print_rows([rows[-1]])
+            finish()
+        del runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    finish()
+    print("# summary")
+    _print_rows(sorted(rows, key=lambda r: r["B"]))
+    return {"meta": meta, "rows": rows}
+
+
+def _print_rows(rows) -> None:
+    for r in rows:
+        print(_format_row(r), flush=True)
+
+
+def _add_derived(rows: list[dict]) -> None:
+    """Per batch size: decode tokens/s (all rows), speedup over the peer loop, % of the floor."""
+    ms = {(r["system"], r["B"]): r.get("ms_per_token") for r in rows}
+    for r in rows:
+        t, B = r.get("ms_per_token"), r["B"]
+        peer = ms.get(("peer_loop", B))
+        floor = ms.get(("floor_base_alone" if r["system"].startswith(("base_alone", "floor_base")) else "floor", B))
+        r["tokens_per_s"] = B * 1e3 / t if t else None
+        if r.get("e2e_s") and r.get("new_tokens"):  # prompt + first token + decode, all rows
+            r["e2e_tokens_per_s"] = B * r["new_tokens"] / r["e2e_s"]
+        r["speedup_vs_peer"] = peer / t if t and peer else None
+        r["pct_of_floor"] = 100 * floor / t if t and floor else None
+
+
+def _format_row(r: dict) -> str:
+    def f(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+    return (f"{r['system']:<18} B={r['B']:<3} {f(r.get('ms_per_token'), '9.2f')} ms/token"
+            + (f"  {f(r.get('tokens_per_s'), '9.1f')} tok/s  x_peer {f(r.get('speedup_vs_peer'), '6.2f')}  "
+               f"floor% {f(r.get('pct_of_floor'), '5.1f')}" if "tokens_per_s" in r else "")
+            + (f"  ERROR {r['error']}" if r.get("error") else ""))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = None
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "decode.json"
+    result = run(args, checkpoint=(lambda r: write_json(r, path)) if path else None)
+    if path is not None:
+        write_json(result, path)
+        print(f"wrote {path}")
+    return 1 if any(r.get("error") for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Benchmark one RAST sampling step: ``rast_kernels.rast_sample`` against the baselines.
+
+For each batch size B, vocabulary width V, input dtype and sampling setting it times
+
+* ``rast_sample`` (backend ``auto``: Triton on CUDA, the compiled C++ kernel on CPU),
+* ``rast_sample_reference`` (the PyTorch reference, the spec),
+* ``hf_chain``: the chain of PyTorch ops public code runs (``baselines.hf_chain_sample``),
+* ``flashinfer``: FlashInfer's ``top_k_top_p_sampling_from_logits`` after an unfused combine
+  (CUDA, when ``flashinfer`` is importable),
+
+and the floor: the bytes of the three input logit tensors read once over the device's copy bandwidth
+(measured in the same run with a large tensor copy, counting bytes read plus written).
+
+CUDA: CUDA events around each call, warm-up, median and p10/p90 of many calls, inputs rotated over
+several buffers so that small cases are not timed out of L2. CPU: ``time.perf_counter`` around each call.
+
+Examples::
+
+    python benchmarks/bench_sampler.py --out out/             # CUDA: full grid; CPU: the --quick grid
+    python benchmarks/bench_sampler.py --full --out out/      # full grid on CPU too (slow)
+    python benchmarks/bench_sampler.py --batch 1 --vocab 4096 --dtypes fp32 --settings top_p --repeats 3
+
+Writes ``sampler.json`` (and ``sampler.png`` via ``plot_sampler.py``) under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import baselines
+import rast_kernels
+from rast_kernels.ops.rast_sample import _resolve_backend
+
+FULL_BATCHES = (1, 16, 64, 256)
+FULL_VOCABS = (32000, 128256, 152064)
+QUICK_BATCHES = (1, 16, 64)
+QUICK_VOCABS = (152064, 32000)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# name -> sampling parameters; alpha 1.0 is the RAST scripts' default
+SETTINGS = {
+    "top_p": dict(alpha=1.0, temperature=1.0, top_k=0, top_p=0.95, min_p=0.0),
+    "none": dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+}
+OPS = ("rast_sample", "reference", "hf_chain", "flashinfer")
+LOGIT_STD = 2.0  # spread of the random logits (N(0, 2^2) per input): a realistic few-hundred-token nucleus
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true",
+                      help=f"small grid B={QUICK_BATCHES}, V={QUICK_VOCABS}, fewer repeats (default on CPU)")
+    grid.add_argument("--full", action="store_true",
+                      help=f"full grid B={FULL_BATCHES}, V={FULL_VOCABS} (default on CUDA)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (overrides the grid)")
+    p.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabulary widths (overrides the grid)")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS,
+                   help="what to time (unavailable ones are skipped)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 10 CUDA, 2 CPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="most timed calls per case (default 200 CUDA, 15 quick CPU); fewer if --budget-s runs out")
+    p.add_argument("--min-repeats", type=int, default=None, help="fewest timed calls per case (default 20 CUDA, 3 CPU)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="target timed seconds per case (default 0.5 CUDA, 1.0 CPU)")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="tensor size for the copy-bandwidth probe (default 1024 CUDA, 256 CPU)")
+    p.add_argument("--reference-max-elems", type=int, default=16 * 152064,
+                   help="CPU: skip timing the reference above this B*V (default 16*152064; 0 = no limit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="directory for sampler.json and sampler.png")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    args = p.parse_args(argv)
+    args.command = " ".join([Path(__file__).name, *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} (CPU, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version(), "rast_kernels": rast_kernels.__version__}
+    for pkg in ("triton", "transformers", "flashinfer-python"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Timer:
+    """Times ``fn(i)`` calls: CUDA events on CUDA, perf_counter on CPU; adaptive repeat count."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int, min_repeats: int, budget_s: float):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self.min_repeats, self.budget_s = min_repeats, budget_s
+        self.last_cpu_times: list[float] | None = None  # process CPU times of the last CPU measurement
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn) -> tuple[list[float], object]:
+        """``(per-call times in microseconds, the first call's result)``; ``fn(i)`` gets the call index."""
+        # warm-up (compilation, caches, allocator); cut short for slow cases, where it would cost minutes
+        t0 = time.perf_counter()
+        first = fn(0)
+        done = 1
+        self._sync()
+        while done < self.warmup and time.perf_counter() - t0 <= self.budget_s / 2:
+            fn(done)
+            done += 1
+            self._sync()
+        per_call = (time.perf_counter() - t0) / done
+        n = int(min(self.repeats, max(self.min_repeats, self.budget_s / max(per_call, 1e-7))))
+        if self.device.type == "cuda":
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+            for i, (start, end) in enumerate(events):
+                start.record()
+                fn(done + i)
+                end.record()
+            self._sync()
+            return [start.elapsed_time(end) * 1e3 for start, end in events], first
+        times, cpu_times = [], []
+        for i in range(n):
+            c, t = time.process_time(), time.perf_counter()
+            fn(done + i)
+            times.append((time.perf_counter() - t) * 1e6)
+            cpu_times.append((time.process_time() - c) * 1e6)
+        # CPU time of this process: on a shared, loaded machine it is steadier than wall-clock time
+        self.last_cpu_times = cpu_times
+        return times, first
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def copy_bandwidth(device: torch.device, mib: int, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    timer = Timer(device, warmup=3, repeats=repeats, min_repeats=repeats, budget_s=1.0)
+    times, _ = timer(lambda i: dst.copy_(src))
+    return 2 * n * 4 / (statistics.median(times) * 1e-6)
+
+
+def make_inputs(B: int, V: int, dtype: torch.dtype, device: torch.device, n_sets: int, seed: int):
+    """``n_sets`` triples of random ``[B, V]`` logits (N(0, LOGIT_STD^2)), made on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [tuple((torch.randn(B, V, generator=gen, device=device) * LOGIT_STD).to(dtype) for _ in range(3))
+            for _ in range(n_sets)]
+
+
+def build_ops(names, device: torch.device, params: dict):
+    """[(op, backend, fn(inputs_triple, i))] for the requested ops that this machine has."""
+    ops = []
+    for name in names:
+        if name == "rast_sample":
+            backend = _resolve_backend("auto", device)
+            ops.append((name, backend, lambda x, i: rast_kernels.rast_sample(*x, **params, seed=0, offset=i)))
+        elif name == "reference":
+            ops.append(("rast_sample_reference", "torch",
+                        lambda x, i: rast_kernels.rast_sample_reference(*x, **params, seed=0, offset=i)))
+        elif name == "hf_chain":
+            gen = torch.Generator(device=device).manual_seed(0)
+            ops.append(("hf_chain", "torch", lambda x, i, g=gen: baselines.hf_chain_sample(*x, **params, generator=g)))
+        elif name == "flashinfer":
+            if device.type == "cuda" and baselines.flashinfer_available():
+                fi_params = {k: v for k, v in params.items() if k != "min_p"}
+                ops.append(("flashinfer_top_k_top_p_from_logits", "flashinfer",
+                            lambda x, i: baselines.flashinfer_sample(*x, **fi_params)))
+    return ops
+
+
+def check_tokens(tokens, B: int, V: int) -> str | None:
+    """A problem with a sampler's output, or None: ids must be in [0, V) (the inputs hold no bad rows)."""
+    t = tokens[0] if isinstance(tokens, tuple) else tokens
+    if tuple(t.shape) != (B,):
+        return f"shape {tuple(t.shape)} != ({B},)"
+    t = t.long().cpu()
+    if bool(((t < 0) | (t >= V)).any()):
+        return f"ids out of [0, {V}): {t[(t < 0) | (t >= V)][:4].tolist()}"
+    return None
+
+
+def run(args: argparse.Namespace, checkpoint=None) -> dict:
+    """Time the grid; ``checkpoint(result)`` (optional) is called after each case with the result so far."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    quick = args.quick or (not cuda and not args.full)
+    batches = args.batch or (QUICK_BATCHES if quick else FULL_BATCHES)
+    vocabs = args.vocab or (QUICK_VOCABS if quick else FULL_VOCABS)
+    timer = Timer(
+        device,
+        warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
+        repeats=args.repeats or (200 if cuda else (15 if quick else 30)),
+        min_repeats=args.min_repeats or (20 if cuda else 3),
+        budget_s=args.budget_s if args.budget_s is not None else (0.5 if cuda else 1.0),
+    )
+    if timer.min_repeats > timer.repeats:
+        timer.min_repeats = timer.repeats
+    bw = copy_bandwidth(device, args.copy_mib or (1024 if cuda else 256))
+    meta = {
+        "benchmark": "sampler", "device": device_name(device), "device_type": device.type,
+        "versions": versions(), "date": utc_now(), "copy_bandwidth_GBps": bw / 1e9,
+        "copy_bandwidth_note": "bytes read + bytes written per second of a large device-to-device tensor copy",
+        "grid": {"B": list(batches), "V": list(vocabs), "dtypes": args.dtypes, "settings": args.settings},
+        "settings": {k: SETTINGS[k] for k in args.settings},
+        "timer": {"warmup": timer.warmup, "max_repeats": timer.repeats, "min_repeats": timer.min_repeats,
+                  "budget_s": timer.budget_s, "clock": "cuda events" if cuda else "time.perf_counter"},
+        "logit_std": LOGIT_STD, "threads": torch.get_num_threads(), "command": args.command,
+    }
+    print(f"# {meta['device']}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for V in vocabs:
+            for B in batches:
+                set_bytes = 3 * B * V * torch.tensor([], dtype=dtype).element_size()
+                # on CUDA rotate over enough input sets (>= 256 MB, several times the L2) that consecutive calls
+                # do not find their inputs in L2; on CPU one set (generation would dominate the run)
+                n_sets = min(512, max(1, math.ceil(256e6 / set_bytes))) if cuda else 1
+                inputs = make_inputs(B, V, dtype, device, n_sets, args.seed)
+                floor_us = set_bytes / bw * 1e6
+                for setting in args.settings:
+                    params = SETTINGS[setting]
+                    group = []
+                    for op, backend, fn in build_ops(args.ops, device, params):
+                        row = {"op": op, "backend": backend, "B": B, "V": V, "dtype": dtype_name, "setting": setting,
+                               "floor_us": floor_us, "input_sets": n_sets}
+                        try:
+                            if op == "rast_sample_reference" and not cuda and 0 < args.reference_max_elems < B * V:
+                                row.update(median_us=None, p10=None, p90=None, n=0,
+                                           skipped=f"reference not timed on CPU above B*V = {args.reference_max_elems} "
+                                                   "(--reference-max-elems): one call takes tens of seconds")
+                                group.append(row)
+                                continue
+                            times, first = timer(lambda i: fn(inputs[i % n_sets], i))
+                            problem = check_tokens(first, B, V)
+                            row.update(median_us=statistics.median(times), p10=percentile(times, 10),
+                                       p90=percentile(times, 90), n=len(times))
+                            if not cuda:
+                                row["cpu_median_us"] = statistics.median(timer.last_cpu_times)
+                            if problem:
+                                row["invalid_output"] = problem
+                        except Exception as exc:  # one failing op must not lose the rest of the grid
+                            traceback.print_exc()
+                            row.update(median_us=None, p10=None, p90=None, n=0, error=f"{type(exc).__name__}: {exc}")
+                        group.append(row)
+                    _add_speedups(group)
+                    for row in group:
+                        row.update(device=meta["device"], torch=torch.__version__, triton=meta["versions"]["triton"],
+                                   date=meta["date"])
+                        print(_format_row(row), flush=True)
+                    rows.append(group)
+                    if checkpoint is not None:
+                        checkpoint({"meta": meta, "rows": [r for g in rows for r in g]})
+                del inputs
+                if cuda:
+                    torch.cuda.empty_cache()
+    return {"meta": meta, "rows": [r for g in rows for r in g]}
+
+
+def _add_speedups(group: list[dict]) -> None:
+    """Speedups over the reference and the HF chain from wall-clock medians (and, on CPU, from
+    process-CPU-time medians), and the share of the read floor reached."""
+    for prefix, key in (("", "median_us"), ("cpu_", "cpu_median_us")):
+        base = {r["op"]: r.get(key) for r in group}
+        for r in group:
+            t = r.get(key)
+            if prefix and t is None:
+                continue
+            for name, ref in (("speedup_vs_reference", base.get("rast_sample_reference")),
+                              ("speedup_vs_hf_chain", base.get("hf_chain"))):
+                r[prefix + name] = ref / t if (t and ref) else None
+    for r in group:
+        r["pct_of_floor"] = 100 * r["floor_us"] / r["median_us"] if r["median_us"] else None
+
+
+def _format_row(r: dict) -> str:
+    def f(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+    return (f"{r['op']:<36} {r['backend']:<10} B={r['B']:<4} V={r['V']:<7} {r['dtype']:<5} {r['setting']:<6} "
+            f"median {f(r['median_us'], '10.1f')} us  p10 {f(r['p10'], '9.1f')}  p90 {f(r['p90'], '9.1f')}  "
+            f"floor {r['floor_us']:8.2f} us  x_ref {f(r['speedup_vs_reference'], '6.2f')}  "
+            f"x_hf {f(r['speedup_vs_hf_chain'], '6.2f')}"
+            + (f"  cpu {f(r['cpu_median_us'], '10.1f')} us" if "cpu_median_us" in r else "")
+            + (f"  skipped: {r['skipped']}" if r.get("skipped") else "")
+            + (f"  ERROR {r['error']}" if r.get("error") else "")
+            + (f"  INVALID {r['invalid_output']}" if r.get("invalid_output") else ""))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = None
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "sampler.json"
+    result = run(args, checkpoint=(lambda r: write_json(r, path)) if path else None)
+    if path is not None:
+        write_json(result, path)
+        print(f"wrote {path}")
+        if not args.no_plot:
+            import plot_sampler
+            png = plot_sampler.plot(result, args.out / "sampler.png")
+            print(f"wrote {png}")
+    failed = [r for r in result["rows"] if r.get("error") or r.get("invalid_output")]
+    return 1 if failed else 0
+
+
+def write_json(result: dict, path: Path) -> None:
+    """Write via a temporary file so that a run killed mid-write leaves the previous complete JSON."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

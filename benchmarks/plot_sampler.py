@@ -1,0 +1,81 @@
+"""Plot ``sampler.json`` from ``bench_sampler.py``: median time per sampling step against batch size.
+
+One panel per (input dtype, setting) row and vocabulary width column; one line per op (p10-p90 band),
+and the read floor dashed. Log-log axes.
+
+    python benchmarks/plot_sampler.py out/sampler.json            # writes out/sampler.png
+    python benchmarks/plot_sampler.py out/sampler.json -o fig.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on CI or the GPU machine
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _label(row: dict) -> str:
+    return f"{row['op']} ({row['backend']})"
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Draw ``result`` (the JSON object ``bench_sampler`` writes) to the PNG at ``path``."""
+    rows = [r for r in result["rows"] if r.get("median_us")]
+    panels = sorted({(r["dtype"], r["setting"]) for r in rows})
+    vocabs = sorted({r["V"] for r in rows})
+    ops = list(dict.fromkeys(_label(r) for r in rows))
+    if not panels:
+        raise ValueError("result: no timed rows to plot")
+    fig, axes = plt.subplots(len(panels), len(vocabs), figsize=(max(4.2 * len(vocabs), 8.0), 3.2 * len(panels) + 0.8),
+                             squeeze=False, sharex=True)
+    colors = {op: f"C{i}" for i, op in enumerate(ops)}
+    for i, (dtype, setting) in enumerate(panels):
+        for j, V in enumerate(vocabs):
+            ax = axes[i][j]
+            sel = [r for r in rows if (r["dtype"], r["setting"], r["V"]) == (dtype, setting, V)]
+            for op in ops:
+                pts = sorted((r["B"], r["median_us"], r["p10"], r["p90"]) for r in sel if _label(r) == op)
+                if not pts:
+                    continue
+                bs, med, lo, hi = zip(*pts)
+                ax.plot(bs, med, "o-", color=colors[op], label=op, ms=3)
+                ax.fill_between(bs, lo, hi, color=colors[op], alpha=0.2)
+            floor = sorted({(r["B"], r["floor_us"]) for r in sel})
+            if floor:
+                ax.plot(*zip(*floor), "k--", lw=1, label="read floor")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"V={V}, {dtype}, {setting}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("us per step (median)")
+            if i == len(panels) - 1:
+                ax.set_xlabel("batch size B")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    meta = result.get("meta", {})
+    fig.suptitle(f"RAST sampling step: {meta.get('device', '?')}, torch {meta.get('versions', {}).get('torch', '?')}, "
+                 f"{meta.get('date', '')}", fontsize=10)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Plot bench_sampler.py's JSON")
+    p.add_argument("json", type=Path, help="sampler.json")
+    p.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: beside the JSON)")
+    args = p.parse_args(argv)
+    out = plot(json.loads(args.json.read_text()), args.output or args.json.with_suffix(".png"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

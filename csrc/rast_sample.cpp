@@ -1,0 +1,150 @@
+// Glue of the CPU rast_sample kernel: argument checks, dtype mapping, parallel loop over rows.
+// The arithmetic lives in rast_sample_cpu.h (torch-free).
+#include "ops.h"
+#include "rast_sample_cpu.h"
+
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <sstream>
+
+namespace rast_kernels {
+namespace {
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.scalar_type() << " " << t.sizes() << " on " << t.device();
+  return s.str();
+}
+
+cpu::DType logits_dtype(const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cpu::DType::kFloat32;
+    case at::kBFloat16: return cpu::DType::kBFloat16;
+    case at::kHalf: return cpu::DType::kFloat16;
+    default:
+      throw ArgTypeError(std::string(name) + ": dtype must be float32, bfloat16 or float16, got " + describe(t));
+  }
+}
+
+void check_logits(const char* name, const at::Tensor& t, int64_t batch, int64_t vocab_size) {
+  if (!t.device().is_cpu()) throw std::invalid_argument(std::string(name) + ": expected a CPU tensor, got " + describe(t));
+  if (t.dim() != 2) throw std::invalid_argument(std::string(name) + ": expected a 2-D tensor [B, V], got " + describe(t));
+  if (t.size(0) != batch)
+    throw std::invalid_argument(std::string(name) + ": batch size " + std::to_string(t.size(0)) + " differs from base's " +
+                                std::to_string(batch));
+  if (t.size(1) < vocab_size)
+    throw std::invalid_argument(std::string(name) + ": has " + std::to_string(t.size(1)) + " columns, fewer than vocab_size " +
+                                std::to_string(vocab_size));
+  if (t.size(1) > 1 && t.stride(1) != 1)
+    throw std::invalid_argument(std::string(name) + ": the last dimension must be contiguous (stride 1), got stride " +
+                                std::to_string(t.stride(1)));
+  logits_dtype(name, t);
+}
+
+void check_vector(const char* name, const at::Tensor& t, int64_t batch, at::ScalarType dtype, bool need_contiguous) {
+  if (!t.device().is_cpu()) throw std::invalid_argument(std::string(name) + ": expected a CPU tensor, got " + describe(t));
+  if (t.scalar_type() != dtype) {
+    std::ostringstream s;
+    s << name << ": expected dtype " << dtype << ", got " << describe(t);
+    throw ArgTypeError(s.str());
+  }
+  if (t.dim() != 1 || t.size(0) != batch)
+    throw std::invalid_argument(std::string(name) + ": expected shape [" + std::to_string(batch) + "], got " + describe(t));
+  if (need_contiguous && batch > 1 && t.stride(0) != 1)
+    throw std::invalid_argument(std::string(name) + ": must be contiguous");
+}
+
+}  // namespace
+
+void rast_sample_cpu(const at::Tensor& base, const at::Tensor& expert, const at::Tensor& expert_base,
+                     const at::Tensor& alpha, const at::Tensor& temperature, const at::Tensor& top_k,
+                     const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
+                     const at::Tensor& offset, int64_t vocab_size, at::Tensor& out,
+                     const std::optional<at::Tensor>& logprobs) {
+  if (base.dim() != 2) throw std::invalid_argument("base_logits: expected a 2-D tensor [B, V], got " + describe(base));
+  const int64_t batch = base.size(0);
+  if (vocab_size < 1) throw std::invalid_argument("vocab_size: must be >= 1, got " + std::to_string(vocab_size));
+  check_logits("base_logits", base, batch, vocab_size);
+  check_logits("expert_logits", expert, batch, vocab_size);
+  check_logits("expert_base_logits", expert_base, batch, vocab_size);
+  check_vector("alpha", alpha, batch, at::kFloat, true);
+  check_vector("temperature", temperature, batch, at::kFloat, true);
+  check_vector("top_k", top_k, batch, at::kLong, true);
+  check_vector("top_p", top_p, batch, at::kFloat, true);
+  check_vector("min_p", min_p, batch, at::kFloat, true);
+  check_vector("seed", seed, batch, at::kLong, true);
+  check_vector("offset", offset, batch, at::kLong, true);
+  check_vector("out", out, batch, at::kLong, false);
+  if (logprobs.has_value()) check_vector("logprobs", *logprobs, batch, at::kFloat, false);
+  if (batch == 0) return;
+
+  const cpu::DType tb = logits_dtype("base_logits", base), te = logits_dtype("expert_logits", expert),
+                   teb = logits_dtype("expert_base_logits", expert_base);
+  const auto* pb = static_cast<const char*>(base.data_ptr());
+  const auto* pe = static_cast<const char*>(expert.data_ptr());
+  const auto* peb = static_cast<const char*>(expert_base.data_ptr());
+  const int64_t sb = base.stride(0) * base.element_size(), se = expert.stride(0) * expert.element_size(),
+                seb = expert_base.stride(0) * expert_base.element_size();
+  const float* a = alpha.data_ptr<float>();
+  const float* t = temperature.data_ptr<float>();
+  const float* p = top_p.data_ptr<float>();
+  const float* m = min_p.data_ptr<float>();
+  const int64_t* k = top_k.data_ptr<int64_t>();
+  const int64_t* s = seed.data_ptr<int64_t>();
+  const int64_t* o = offset.data_ptr<int64_t>();
+  int64_t* tok = out.data_ptr<int64_t>();
+  const int64_t tok_stride = out.stride(0);
+  float* lp = logprobs.has_value() ? logprobs->data_ptr<float>() : nullptr;
+  const int64_t lp_stride = lp ? logprobs->stride(0) : 0;
+
+  // one row per task: rows are independent and each is a few hundred microseconds at LM vocab sizes
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    cpu::Workspace ws;
+    for (int64_t r = begin; r < end; ++r) {
+      const cpu::RowInput in{pb + r * sb, pe + r * se, peb + r * seb, tb, te, teb, vocab_size};
+      const cpu::RowParams prm{a[r], t[r], p[r], m[r], k[r], s[r], o[r]};
+      const cpu::RowResult res = cpu::sample_row(in, prm, lp != nullptr, ws);
+      tok[r * tok_stride] = res.token;
+      if (lp) lp[r * lp_stride] = res.logprob;
+    }
+  });
+}
+
+at::Tensor philox_words_cpu(const at::Tensor& seed, const at::Tensor& offset, int64_t num_columns) {
+  if (seed.dim() != 1) throw std::invalid_argument("seed: expected a 1-D tensor [B], got " + describe(seed));
+  const int64_t batch = seed.size(0);
+  check_vector("seed", seed, batch, at::kLong, false);
+  check_vector("offset", offset, batch, at::kLong, false);
+  if (num_columns < 0 || num_columns > (int64_t{1} << 34))
+    throw std::invalid_argument("num_columns: must be in [0, 2^34], got " + std::to_string(num_columns));
+  const at::Tensor s = seed.contiguous(), o = offset.contiguous();
+  at::Tensor out = at::empty({batch, num_columns}, seed.options());
+  const int64_t* ps = s.data_ptr<int64_t>();
+  const int64_t* po = o.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const cpu::PhiloxRow gen(ps[r], po[r]);
+      for (int64_t c0 = 0; c0 < num_columns; c0 += 4) {
+        uint32_t w[4];
+        gen.group_words(static_cast<uint64_t>(c0) >> 2, w);
+        for (int64_t c = c0; c < std::min(c0 + 4, num_columns); ++c) dst[r * num_columns + c] = w[c & 3];
+      }
+    }
+  });
+  return out;
+}
+
+std::string parallel_backend() {
+#if AT_PARALLEL_OPENMP
+  return "ATen parallel_for (OpenMP)";
+#elif AT_PARALLEL_NATIVE
+  return "ATen parallel_for (native thread pool)";
+#else
+  return "ATen parallel_for";
+#endif
+}
+
+}  // namespace rast_kernels

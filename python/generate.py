@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Generate with RAST from three causal LMs: ``z = z_base + alpha * (z_expert - z_expert_base)``.
+
+Examples::
+
+    # three models by id or local path (they must share one tokenizer)
+    python python/generate.py --base Qwen/Qwen2.5-7B --expert ./my-rl-1.5b --expert-base Qwen/Qwen2.5-1.5B \\
+        --prompt "Solve: 12 * 13 =" --max-new-tokens 64 --temperature 0.7 --top-p 0.9
+
+    # no weights at hand: build three tiny UNTRAINED random models (+ a small tokenizer) and use them;
+    # the output is gibberish by construction, this only shows the pipeline working
+    python python/generate.py --make-untrained /tmp/rast_tiny --prompt "hello" --max-new-tokens 16
+
+Prints one block per prompt (or JSON lines with ``--json``); ``--stream`` prints text as it is generated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine; the early bird gets the worm",
+    "numbers 0123456789 and symbols !?.,;:()[]{}",
+]
+
+
+def make_untrained(root: str, seed: int = 0) -> dict:
+    """Save a byte-level BPE tokenizer and three tiny random-init Qwen2 models (base wider than the
+    experts, different padded LM-head widths) under ``root``; return {role: path}. UNTRAINED."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    paths = {}
+    for i, (role, hidden, width) in enumerate([("base", 128, 384), ("expert", 64, 336), ("expert_base", 64, 352)]):
+        torch.manual_seed(seed + i)
+        cfg = Qwen2Config(vocab_size=width, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, initializer_range=0.1)
+        path = os.path.join(root, role)
+        Qwen2ForCausalLM(cfg).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[role] = path
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_argument_group("models")
+    src.add_argument("--base", help="base model id or path (the big one)")
+    src.add_argument("--expert", help="expert model id or path (small, RL-tuned)")
+    src.add_argument("--expert-base", help="the expert's base model id or path (what the expert was tuned from)")
+    src.add_argument("--tokenizer", help="tokenizer id or path (default: the one saved with the models)")
+    src.add_argument("--make-untrained", metavar="DIR",
+                     help="build three tiny UNTRAINED random models in DIR and use them (gibberish output)")
+    eng = ap.add_argument_group("engine")
+    eng.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    eng.add_argument("--device", default=None, help="device for all three models (default: cuda:0 if any, else cpu)")
+    eng.add_argument("--expert-device", default=None, help="device of the expert and the expert base")
+    eng.add_argument("--max-batch-size", type=int, default=8)
+    eng.add_argument("--max-seq-len", type=int, default=2048)
+    eng.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
+    gen = ap.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompt-file", help="a file with one prompt per line")
+    gen.add_argument("--alpha", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated (single prompt)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    args = ap.parse_args(argv)
+
+    from rast_kernels import RastEngine
+
+    if args.make_untrained:
+        paths = make_untrained(args.make_untrained)
+        print(f"[untrained random models built in {args.make_untrained}: output is meaningless]", file=sys.stderr)
+        args.base, args.expert, args.expert_base = paths["base"], paths["expert"], paths["expert_base"]
+    if not (args.base and args.expert and args.expert_base):
+        ap.error("give --base, --expert and --expert-base (or --make-untrained DIR)")
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        ap.error("give at least one --prompt or --prompt-file")
+
+    devices = None
+    if args.device or args.expert_device:
+        from rast_kernels.engine.loading import default_device
+        main_dev = args.device or str(default_device())
+        exp_dev = args.expert_device or main_dev
+        devices = {"base": main_dev, "expert": exp_dev, "expert_base": exp_dev}
+    t0 = time.perf_counter()
+    engine = RastEngine(args.base, args.expert, args.expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
+                        devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                        use_cuda_graph=not args.no_cuda_graph)
+    print(f"[{engine!r} ready in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    kw = dict(alpha=args.alpha, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              min_p=args.min_p, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
+    if args.stream:
+        if len(prompts) != 1:
+            ap.error("--stream takes exactly one prompt")
+        for piece in engine.stream(prompts[0], **kw):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, **kw)
+    dt = time.perf_counter() - t0
+    n_tok = sum(len(o.token_ids) for o in outs)
+    for p, o in zip(prompts, outs):
+        if args.json:
+            print(json.dumps(dict(prompt=p, text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
+                                  stop_reason=o.stop_reason, error=o.error, num_prompt_tokens=o.num_prompt_tokens)))
+        else:
+            print(f"=== prompt: {p!r}\n{o.text}\n--- {len(o.token_ids)} tokens, finish: {o.finish_reason}"
+                  + (f" ({o.stop_reason!r})" if o.stop_reason is not None else "")
+                  + (f", error: {o.error}" if o.error else ""))
+    print(f"[{n_tok} tokens in {dt:.2f} s, including the first call's setup]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""What :meth:`RastEngine.generate` returns per prompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+FINISH_REASONS = ("stop", "length", "error")
+
+
+@dataclass
+class GenerationOutput:
+    """One prompt's result.
+
+    Attributes
+    ----------
+    text : str
+        The generated text: ``tokenizer.decode(token_ids, skip_special_tokens=True,
+        clean_up_tokenization_spaces=False)``, cut just before the first stop string if one matched.
+    token_ids : list[int]
+        Generated token ids. An EOS token that ended the row is not included; when a stop string
+        matched, the ids run up to and including the token that completed it (the text is cut, the
+        tokens cannot be).
+    num_prompt_tokens : int
+        Tokens in the (tokenized) prompt.
+    finish_reason : {"stop", "length", "error"}
+        ``"stop"``: an EOS id was sampled or a stop string appeared; ``"length"``: ``max_new_tokens``
+        were generated; ``"error"``: the sampler rejected the row (see ``error``).
+    stop_reason : int, str or None
+        The EOS id or the stop string that ended the row (None unless ``finish_reason == "stop"``).
+    error : str or None
+        For ``"error"`` rows: which decode step failed and why.
+    logprobs : list[float] or None
+        With ``return_logprobs=True``: the log-probability of each id in ``token_ids`` under the final
+        filtered, renormalised distribution it was drawn from (0.0 for greedy steps).
+    """
+
+    text: str
+    token_ids: list = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    finish_reason: str = "length"
+    stop_reason: Optional[Union[int, str]] = None
+    error: Optional[str] = None
+    logprobs: Optional[list] = None

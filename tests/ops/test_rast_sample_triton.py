@@ -1,0 +1,307 @@
+"""Kernel-specific tests of the Triton backend of rast_sample (chunking, the key bisection, Philox words,
+bad rows, workspace). On CPU-only machines they run under TRITON_INTERPRET=1 with small shapes."""
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must be set before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rast_kernels import _backends, rast_sample  # noqa: E402
+from rast_kernels.ops import philox  # noqa: E402
+from rast_kernels.ops.rast_sample import SamplingParams  # noqa: E402
+from rast_kernels.ops.rast_sample_reference import rast_sample_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.skipif(not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
+                       reason="Triton unavailable (or TRITON_INTERPRET was not set before Triton was imported)"),
+    # the interpreter evaluates masked-out lanes too (e.g. -inf - -inf) and NumPy warns about them
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+if _backends.has_triton():
+    from rast_kernels.ops.rast_sample_triton import (launch_config, philox_noise_triton, rast_sample_triton,
+                                                     reserve_workspace)
+
+NAMES = ("alpha", "temperature", "top_k", "top_p", "min_p", "seed", "offset")
+DEFAULTS = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(batch, width, seed, dtype=torch.float32, ties=False, masked=0.0, scale=2.0):
+    g = _gen(seed)
+    x = torch.randn(batch, width, generator=g) * scale
+    if ties:  # coarse values: many exact ties, also at filter boundaries
+        x = torch.round(x * 2) / 2
+    if masked:
+        x[torch.rand(batch, width, generator=g) < masked] = -math.inf
+    return x.to(dtype).to(DEVICE)
+
+
+def _params(**kw):
+    p = dict(DEFAULTS, **kw)
+    return SamplingParams(**{n: p[n].to(DEVICE) if isinstance(p[n], torch.Tensor) else p[n] for n in NAMES})
+
+
+def _run(base, expert, expert_base, vocab_size=None, chunk=None, **kw):
+    """The Triton kernel called directly (optionally with a small chunk width to get many chunks per row)."""
+    vocab_size = vocab_size or min(t.shape[1] for t in (base, expert, expert_base))
+    tokens = torch.empty(base.shape[0], dtype=torch.int64, device=DEVICE)
+    logprobs = torch.empty(base.shape[0], dtype=torch.float32, device=DEVICE)
+    rast_sample_triton(base, expert, expert_base, _params(**kw), vocab_size, tokens, logprobs, chunk=chunk)
+    return tokens.cpu(), logprobs.cpu()
+
+
+def _ref(base, expert, expert_base, vocab_size=None, **kw):
+    t, lp = rast_sample_reference(base, expert, expert_base, vocab_size=vocab_size, return_logprobs=True,
+                                  **dict(DEFAULTS, **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                                                      for k, v in kw.items()}))
+    return t.cpu(), lp.cpu()
+
+
+def _assert_same(got, ref):
+    assert torch.equal(got[0], ref[0]), f"tokens {got[0].tolist()} != reference {ref[0].tolist()}"
+    torch.testing.assert_close(got[1], ref[1], rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------- noise
+def test_philox_words_and_noise_match_python_generator():
+    """Bit-identical Philox words (counter layout, key halves, lane = column & 3) for edge seeds and
+    offsets; E equal to exponential_from_words (exact on the series branch, a few ulp through log)."""
+    seed = torch.tensor([0, 1, -1, 2**63 - 1, -2**63, 0x123456789ABCDEF, 42], dtype=torch.int64)
+    offset = torch.tensor([0, 3, -5, 2**32, -2**63, 2**40 + 7, 2**31 - 1], dtype=torch.int64)
+    cols = torch.cat([torch.arange(2000), torch.tensor([151936, 152063, 2**31 - 1, 2**30 + 2]),
+                      torch.randint(0, 2**31 - 1, (1000,), generator=_gen(1))])
+    words, noise = philox_noise_triton(seed.to(DEVICE), offset.to(DEVICE), cols.to(DEVICE))
+    ref_words = philox.random_words(seed, offset, cols)
+    assert torch.equal(words.cpu(), ref_words)
+    ref_noise = philox.exponential_from_words(ref_words)
+    series = ref_words.to(torch.float32) * 2.0**-32 + 2.0**-33 < 2.0**-7
+    assert series.sum() > 50 and (~series).any()  # both branches of the formula are exercised
+    assert torch.equal(noise.cpu()[series], ref_noise[series])
+    torch.testing.assert_close(noise.cpu(), ref_noise, rtol=4e-7, atol=0)  # two log implementations, <= 1 ulp each
+    assert (noise > 0).all()
+
+
+# ---------------------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("case", [
+    dict(),                                                          # no filter: finishes in the merge
+    dict(top_k=3),
+    dict(top_p=0.7, temperature=0.8),
+    dict(min_p=0.15),
+    dict(top_k=12, top_p=0.85, min_p=0.02, temperature=1.3),
+    dict(top_k=500, top_p=0.999, temperature=0.05),                  # thresholds > 90 below the max
+])
+def test_many_chunks_match_reference(case):
+    """Rows spread over 16 chunks (chunk=64): merged statistics and the bisection give exactly the
+    reference's tokens; mixed dtypes, mismatched widths, -inf columns and exact ties."""
+    dtypes = (torch.bfloat16, torch.float32, torch.float16)
+    base, expert, expert_base = (_logits(3, w, 10 + i, d, ties=True, masked=0.05)
+                                 for i, (w, d) in enumerate(zip((1003, 1000, 1001), dtypes)))
+    kw = dict(alpha=0.7, seed=5, offset=torch.arange(3) * 11, **case)
+    _assert_same(_run(base, expert, expert_base, chunk=64, **kw), _ref(base, expert, expert_base, **kw))
+
+
+def test_per_row_filters_and_greedy_via_tensors():
+    """Filters on/off per row through tensors (one launch with FILTER compiled in): rows without an
+    active filter, greedy rows and filtered rows side by side, each as the reference."""
+    b = 6
+    base, expert, expert_base = (_logits(b, 300, 20 + i, ties=True, masked=0.02) for i in range(3))
+    kw = dict(alpha=torch.tensor([0.0, 0.5, 1.0, 2.0, -0.5, 1.5]),
+              temperature=torch.tensor([1.0, 0.0, 0.7, 1.0, 2.0, 0.5]),
+              top_k=torch.tensor([0, 5, 300, 1, 7, 0]),          # 300 = V: off
+              top_p=torch.tensor([1.0, 0.5, 0.9, 1.0, 0.6, 1.0]),
+              min_p=torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.3]),
+              seed=torch.tensor([1, 2, 3, -4, 2**62, 6]), offset=torch.tensor([0, 1, 2**33, 3, -1, 5]))
+    _assert_same(_run(base, expert, expert_base, chunk=32, **kw), _ref(base, expert, expert_base, **kw))
+
+
+@pytest.mark.parametrize("vocab,chunk", [(1, None), (7, None), (7, 2), (1000, None), (5003, 1024)])
+def test_odd_sizes(vocab, chunk):
+    """Vocabularies that are not a multiple of the chunk (partial last chunk), down to V=1."""
+    base, expert, expert_base = (_logits(2, vocab + 2 * i, 30 + i, masked=0.1 if vocab > 1 else 0.0)
+                                 for i in range(3))
+    for kw in (dict(seed=9, offset=torch.tensor([3, 4])), dict(top_k=2, top_p=0.9, seed=9)):
+        _assert_same(_run(base, expert, expert_base, vocab_size=vocab, chunk=chunk, **kw),
+                     _ref(base, expert, expert_base, vocab_size=vocab, **kw))
+
+
+def test_boundary_ties_kept_over_many_draws():
+    """Top-k / top-p / min-p boundaries that fall inside a group of equal values keep the whole group
+    (also -0.0 vs +0.0): the same token as the reference on every one of 12 draws."""
+    row = torch.tensor([3.0, 1.0, 3.0, 0.0, -0.0, 2.0, 3.0, 2.0, -1.0, 2.0, 0.0, -math.inf] * 5)
+    base = row.expand(12, -1).contiguous().to(DEVICE)
+    zeros = torch.zeros_like(base)
+    offsets = torch.arange(12)
+    seen = set()
+    # alpha = -1 with zero experts: z = base + (-0.0) keeps the sign of base's zeros
+    for case in (dict(top_k=2), dict(top_k=36), dict(top_p=0.5), dict(top_p=0.95),
+                 dict(min_p=0.3), dict(top_k=20, top_p=0.99, temperature=0.5), dict(top_k=1, temperature=1e-3)):
+        kw = dict(alpha=-1.0, seed=123, offset=offsets, **case)
+        got = _run(base, zeros, zeros, chunk=16, **kw)
+        _assert_same(got, _ref(base, zeros, zeros, **kw))
+        seen.update(got[0].tolist())
+    assert len(seen) > 3  # the draws are not all the same column
+
+
+def test_large_seeds_and_offsets_as_numbers():
+    """Scalar seeds/offsets anywhere in int64 (split into int32 halves on the host) draw as tensors do."""
+    base, expert, expert_base = (_logits(2, 200, 40 + i) for i in range(3))
+    for seed, offset in ((2**63 - 1, -2**63), (-1, 2**32 + 1), (0x0123456789ABCDEF, 1)):
+        as_numbers = _run(base, expert, expert_base, seed=seed, offset=offset, top_p=0.9)
+        as_tensors = _run(base, expert, expert_base, seed=torch.tensor([seed] * 2),
+                          offset=torch.tensor([offset] * 2), top_p=0.9)
+        _assert_same(as_numbers, as_tensors)
+        _assert_same(as_numbers, _ref(base, expert, expert_base, seed=seed, offset=offset, top_p=0.9))
+
+
+def test_strided_rows_and_vocab_size():
+    """Row strides wider than the row (slices of bigger buffers) and vocab_size below every width."""
+    big = [_logits(4, 700, 50 + i) for i in range(3)]
+    base, expert, expert_base = big[0][::2, 10:610], big[1][1::2, :650], big[2][::2, 50:]
+    assert base.stride(0) == 1400
+    kw = dict(top_k=40, min_p=0.01, seed=3, offset=torch.tensor([1, 2]))
+    _assert_same(_run(base, expert, expert_base, vocab_size=555, chunk=128, **kw),
+                 _ref(base, expert, expert_base, vocab_size=555, **kw))
+
+
+# ----------------------------------------------------------------------------------------- bad rows
+def test_bad_rows_do_not_affect_others():
+    """NaN / +inf in the combination, all-masked rows and out-of-range per-row parameter values give
+    -1 and NaN; every other row is drawn exactly as when it is alone."""
+    b, v = 12, 150
+    base, expert, expert_base = (_logits(b, v, 60 + i, masked=0.05) for i in range(3))
+    base[1, 77] = math.nan
+    expert[2, 3] = math.inf                 # +inf in z
+    expert_base[3, 9] = -math.inf           # masked column: fine, not bad
+    base[4, :] = -math.inf                  # every column masked
+    expert[5, 10], expert_base[5, 10] = math.inf, math.inf   # inf - inf = NaN
+    kw = dict(temperature=torch.tensor([1.0, 1, 1, 1, 1, 1, -1, math.nan, 1, 1, 1, 0]),
+              top_k=torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, -1, 0, 0, 3]),
+              top_p=torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 1, 0.0, 1.5, 1]),
+              min_p=torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2.0]),
+              seed=7, offset=torch.arange(b))
+    tokens, lps = _run(base, expert, expert_base, chunk=32, **kw)
+    bad = torch.tensor([0, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
+    assert torch.equal(tokens == -1, bad) and torch.equal(torch.isnan(lps), bad)
+    ref = _ref(base, expert, expert_base, **kw)
+    _assert_same((tokens, lps), ref)
+    for r in (0, 3):  # good rows alone: same draw
+        alone = _run(base[r:r + 1], expert[r:r + 1], expert_base[r:r + 1], chunk=32, seed=7,
+                     offset=torch.tensor([r]))
+        assert alone[0].item() == tokens[r].item()
+        torch.testing.assert_close(alone[1], lps[r:r + 1])
+    # NaN columns in a bad row beyond vocab_size are not read
+    base[0, v - 1] = math.nan
+    t, _ = _run(base, expert, expert_base, vocab_size=v - 1, **kw)
+    assert t[0] != -1
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def test_public_op_out_in_place_and_workspace_regrowth():
+    """rast_sample(backend="triton", out=...) fills the caller's buffer (same storage) and returns it;
+    calls with growing and shrinking shapes reuse / grow the cached workspace and stay exact."""
+    for b, v, kw in ((2, 64, dict(top_k=5)), (5, 900, dict(top_p=0.8)), (1, 33, dict(min_p=0.1)),
+                     (3, 500, dict())):
+        base, expert, expert_base = (_logits(b, v, 70 + b + i) for i in range(3))
+        out = torch.full((b,), 99, dtype=torch.int64, device=DEVICE)
+        res, lp = rast_sample(base, expert, expert_base, backend="triton", out=out, return_logprobs=True,
+                              seed=1, offset=2, **kw)
+        assert res is out and res.data_ptr() == out.data_ptr()
+        ref = rast_sample_reference(base, expert, expert_base, return_logprobs=True, seed=1, offset=2, **kw)
+        _assert_same((out.cpu(), lp.cpu()), (ref[0].cpu(), ref[1].cpu()))
+    # without logprobs the kernel does not need a logprob buffer
+    t = rast_sample(base, expert, expert_base, backend="triton", seed=1, offset=2)
+    assert torch.equal(t.cpu(), ref[0].cpu())
+    # the cached workspace is reused for smaller calls and grown for bigger ones
+    buf = reserve_workspace(5, 900, DEVICE)
+    assert reserve_workspace(1, 33, DEVICE) is buf
+    bigger = reserve_workspace(64, 5000, DEVICE)
+    assert bigger.numel() >= 64 * 5000 and reserve_workspace(5, 900, DEVICE) is bigger
+
+
+def test_launch_config():
+    """Enough programs for an H100 at small batch (>= 2 x 132), chunk widths powers of two in bounds,
+    the grid a function of the shape only."""
+    for b in (1, 2, 4, 8, 16, 64, 256):
+        chunk, nchunk, b1, b2 = launch_config(b, 152064)
+        assert chunk & (chunk - 1) == 0 and 512 <= chunk <= 16384
+        assert nchunk * chunk >= 152064 > (nchunk - 1) * chunk
+        assert b * nchunk >= 264 or chunk == 512
+        assert chunk % b1 == 0 and chunk % b2 == 0
+    assert launch_config(1, 7)[:2] == (8, 1)
+    assert launch_config(3, 1000, chunk=64)[:2] == (64, 16)
+    with pytest.raises(ValueError, match="chunk"):
+        launch_config(1, 100, chunk=48)
+
+
+# Compiles the GPU kernels for sm_90 in a fresh process (without the interpreter): frontend, LLVM and
+# ptxas run on the CPU, so type errors of the compiled path and the arithmetic the PTX uses are checked
+# on machines without a GPU.
+_COMPILE_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("SKIP: no ahead-of-time compiler API", e)
+    raise SystemExit(0)
+import rast_kernels.ops.rast_sample_triton as m
+
+P = "*fp32"
+SIG1 = dict(base_ptr="*bf16", expert_ptr="*fp32", ebase_ptr="*fp16", stride_b="i32", stride_e="i32",
+            stride_eb="i32", alpha_ptr=P, alpha_val="fp32", temp_ptr=P, temp_val="fp32", topk_ptr="*i64",
+            topk_val="i32", topp_ptr=P, topp_val="fp32", minp_ptr=P, minp_val="fp32", seed_ptr="*i64",
+            seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=P, fstat_ptr=P,
+            istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32")
+SIG2 = dict(ws_ptr=P, fstat_ptr=P, istat_ptr="*i32", tok_ptr="*i64", lp_ptr=P, temp_ptr=P, temp_val="fp32",
+            topk_ptr="*i64", topk_val="i32", topp_ptr=P, topp_val="fp32", minp_ptr=P, minp_val="fp32",
+            seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
+            V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
+
+
+def compile_ptx(fn, sig, consts, num_warps):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, enable_fp_fusion=False))
+    return kernel.asm["ptx"]
+
+
+for t in (False, True):
+    flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=t, OFF_T=t, FILTER=t, PRECISE=True)
+    ptx1 = compile_ptx(m._rast_chunk_kernel, SIG1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, **flags), 4)
+    ptx2 = compile_ptx(m._rast_finish_kernel, SIG2, dict(NCP2=512, BLOCK=512, NP=16, WRITE_LP=True, **flags), 8)
+    assert "div.rn.f32" in ptx1 and "div.full.f32" not in ptx1, "z / T must be the IEEE division"
+    for ptx in (ptx1, ptx2):
+        assert "lg2.approx.f32" not in ptx, "log must be libdevice's logf, not the approximate lg2"
+    assert "mul.hi.u32" in ptx1, "Philox must use 32-bit umulhi"
+ptx = compile_ptx(m._noise_debug_kernel, dict(seed_ptr="*i64", off_ptr="*i64", col_ptr="*i64",
+                  words_ptr="*i64", exp_ptr=P, NCOL="i32"), dict(BLOCK=256, PRECISE=True), 4)
+print("COMPILED")
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The compiled (non-interpreter) path: both kernels, with and without filters/tensor parameters,
+    build for an H100 target; z / T is IEEE division, log is libdevice's, Philox uses umulhi."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    if "SKIP:" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-4000:]

@@ -1,0 +1,153 @@
+"""Smoke tests of the benchmark scripts in ``benchmarks/`` (CPU, seconds): they run, write the JSON
+they promise, and their baselines compute what they claim (the peer loop's greedy tokens equal an
+independent full-forward oracle; the HF-style chain only draws tokens the reference keeps)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    """Import the benchmark modules (they import each other by name, as scripts run from benchmarks/ do)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import baselines
+    import models
+    import peer_loop
+    yield baselines, models, peer_loop
+    # generic names (models, baselines): do not leave them importable as top-level modules for other tests
+    for name in [n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "/").parent == BENCH]:
+        del sys.modules[name]
+
+
+def _main(module: str, argv: list, capsys) -> None:
+    """Run a benchmark script's ``main(argv)`` in this process (no second torch import); check its exit code."""
+    rc = importlib.import_module(module).main(argv)
+    assert rc == 0, f"{module} exited {rc}:\n{capsys.readouterr().out[-3000:]}"
+
+
+def test_bench_sampler_quickest(tmp_path, bench_modules, capsys):
+    out = tmp_path / "out"
+    # the plot needs matplotlib (the `bench` extra), which a test-only install may lack
+    plot = importlib.util.find_spec("matplotlib") is not None
+    _main("bench_sampler", ["--device", "cpu", "--batch", "1", "3", "--vocab", "1000", "--dtypes", "bf16", "fp32",
+                            "--warmup", "1", "--repeats", "2", "--min-repeats", "1", "--budget-s", "0.01",
+                            "--copy-mib", "8", "--reference-max-elems", "2000", "--out", str(out)]
+          + ([] if plot else ["--no-plot"]), capsys)
+    result = json.loads((out / "sampler.json").read_text())
+    if plot:
+        assert (out / "sampler.png").stat().st_size > 0
+    assert {"device", "versions", "date", "copy_bandwidth_GBps"} <= set(result["meta"])
+    rows = result["rows"]
+    keys = {"op", "backend", "B", "V", "dtype", "setting", "median_us", "p10", "p90", "speedup_vs_reference",
+            "speedup_vs_hf_chain", "floor_us", "device", "torch", "triton", "date"}
+    # 2 B x 1 V x 2 dtypes x 2 settings for each of the three CPU ops
+    assert len(rows) == 3 * 8
+    for row in rows:
+        assert keys <= set(row), keys - set(row)
+        assert "error" not in row and "invalid_output" not in row, row
+        if row.get("skipped"):  # the reference above --reference-max-elems (B*V = 3000 > 2000)
+            assert row["op"] == "rast_sample_reference" and row["B"] == 3 and row["median_us"] is None
+            continue
+        assert 0 < row["p10"] <= row["median_us"] <= row["p90"]
+        assert row["cpu_median_us"] > 0
+    assert {r["op"] for r in rows} == {"rast_sample", "rast_sample_reference", "hf_chain"}
+    assert len([r for r in rows if r.get("skipped")]) == 4
+    for r in rows:
+        if r["op"] == "rast_sample_reference" and r["B"] == 1:
+            assert r["speedup_vs_reference"] == pytest.approx(1.0)
+        if r["op"] == "rast_sample" and r["B"] == 3:
+            assert r["speedup_vs_reference"] is None and r["speedup_vs_hf_chain"] > 0
+    # floor: three [B, 1000] inputs read once over the measured copy bandwidth
+    r = next(r for r in rows if r["B"] == 3 and r["dtype"] == "fp32")
+    assert r["floor_us"] == pytest.approx(3 * 3 * 1000 * 4 / (result["meta"]["copy_bandwidth_GBps"] * 1e9) * 1e6)
+
+
+def test_bench_decode_tiny(tmp_path, bench_modules, capsys):
+    out = tmp_path / "out"
+    # 8 tokens, 3 repeats: the engine's per-token time is a difference of two timings, which needs some margin
+    _main("bench_decode", ["--tiny", "--batch", "2", "--prompt-len", "5", "--new-tokens", "8", "--repeats", "3",
+                           "--peer-new-tokens", "3", "--copy-mib", "8", "--out", str(out)], capsys)
+    result = json.loads((out / "decode.json").read_text())
+    assert {"device", "versions", "weight_GB", "copy_bandwidth_GBps", "models"} <= set(result["meta"])
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"engine", "peer_loop", "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone"}
+    for name, row in rows.items():
+        assert row.get("error") is None, (name, row.get("error"))
+        assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0
+        assert {"B", "prompt_len", "speedup_vs_peer", "pct_of_floor", "device", "date"} <= set(row)
+    assert rows["peer_loop"]["speedup_vs_peer"] == pytest.approx(1.0)
+
+
+def test_peer_loop_greedy_matches_oracle(bench_modules):
+    """At temperature 0 the peer loop (left padding, DynamicCache) picks argmax of
+    z_base + alpha * (z_expert - z_expert_base) from full forwards without a cache."""
+    _, models, peer_loop = bench_modules
+    cfgs = [models.tiny_config("llama", 300), models.tiny_config("llama", 280), models.tiny_config("llama", 280)]
+    trio = [models.build_model(c, dtype=torch.float32, seed=i, std=0.2) for i, c in enumerate(cfgs)]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    res = peer_loop.peer_generate(*trio, prompts, max_new_tokens=5, alpha=0.5, temperature=0.0, vocab_size=280)
+    assert len(res.step_s) == 4
+    with torch.no_grad():
+        for prompt, got in zip(prompts, res.tokens):
+            seq = list(prompt)
+            for _ in range(5):
+                z_b, z_e, z_eb = (m(torch.tensor([seq])).logits[0, -1, :280] for m in trio)
+                seq.append(int((z_b + 0.5 * (z_e - z_eb)).argmax()))
+            assert got == seq[len(prompt):]
+
+
+def test_peer_loop_stops_rows_at_eos(bench_modules):
+    _, models, peer_loop = bench_modules
+    trio = [models.build_model(models.tiny_config("qwen2", 64), dtype=torch.float32, seed=i, std=0.3) for i in range(3)]
+    greedy = peer_loop.peer_generate(*trio, [[3, 4, 5]], max_new_tokens=6, temperature=0.0)
+    eos = greedy.tokens[0][2]
+    res = peer_loop.peer_generate(*trio, [[3, 4, 5]], max_new_tokens=6, temperature=0.0, eos_token_id=eos)
+    assert res.tokens[0] == greedy.tokens[0][:greedy.tokens[0].index(eos) + 1]
+
+
+def test_hf_chain_draws_only_kept_tokens(bench_modules):
+    baselines, _, _ = bench_modules
+    from rast_kernels.ops.rast_sample_reference import combined_logits, kept_mask
+
+    gen = torch.Generator().manual_seed(0)
+    B, V = 4, 500
+    logits = [torch.randn(B, V + 7 * i, generator=gen) * 3 for i in range(3)]  # mismatched widths
+    z = combined_logits(*logits, 0.7, V)
+    keep = kept_mask(z, torch.zeros(B, dtype=torch.long), torch.full((B,), 0.8), torch.zeros(B))
+    drawn = torch.zeros(B, V, dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        tok = baselines.hf_chain_sample(*logits, alpha=0.7, top_p=0.8, generator=g)
+        drawn[torch.arange(B), tok] = True
+    assert not (drawn & ~keep).any()
+    assert drawn.sum() > B  # it does sample, not just argmax
+    assert torch.equal(baselines.hf_chain_sample(*logits, alpha=0.7, temperature=0.0), z.argmax(1))
+
+
+def test_models_build_real_shapes_and_rotary(bench_modules):
+    """A stored real config builds on the meta device with the published parameter count, and the
+    random-init path recomputes the rotary buffers that ``to_empty`` leaves uninitialised."""
+    _, models, _ = bench_modules
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        big = AutoModelForCausalLM.from_config(models.load_config("Qwen2.5-7B"))
+    assert sum(p.numel() for p in big.parameters()) == 7_615_616_512
+    cfg = models.load_config("Llama-3.2-1B")  # llama3 rope scaling
+    cfg.num_hidden_layers, cfg.vocab_size = 1, 256
+    built = models.build_model(cfg, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(cfg)
+    assert torch.equal(built.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
+    assert built.lm_head.weight.data_ptr() == built.model.embed_tokens.weight.data_ptr()  # tied again
+    assert models.weight_bytes(built) == sum(p.numel() * 4 for p in fresh.parameters())
+    tok = models.placeholder_tokenizer(300)
+    assert len(tok) == 300 and tok.eos_token_id == 299

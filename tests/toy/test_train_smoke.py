@@ -1,0 +1,27 @@
+"""The training script's smallest setting runs end to end (CI smoke; seconds) and writes a loadable trio."""
+import json
+import os
+import subprocess
+import sys
+
+from rast_kernels.toy import train
+
+
+def test_smoke_training(tmp_path):
+    out = tmp_path / "trio"
+    assert train.main(["--smoke", "--out", str(out)]) == 0
+    with open(out / "eval.json") as f:
+        ev = json.load(f)
+    assert ev["seed"] == 0 and ev["config"]["rl_steps"] == 3 and len(ev["rl_history"]) == 3
+    rows = {(r["row"], r["decoding"]) for r in ev["table"]}
+    assert ("base + delta (alpha=1)", "sample") in rows and ("expert", "greedy") in rows
+    models = train.load_trio(str(out))
+    assert set(models) == {"base", "expert", "expert_base"}
+    md = (out / "TRAINING.md").read_text()
+    assert "--smoke" in md and "| base + delta (alpha=1) |" in md
+
+
+def test_script_forwards_help():
+    script = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python", "train_toy_trio.py")
+    r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--smoke" in r.stdout
