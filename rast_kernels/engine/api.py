@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Optional
 from collections import OrderedDict
 
 import torch
@@ -32,7 +33,7 @@ def _settings_key(value):
 
 def rast_generate(prompts, *, base, expert, expert_base, tokenizer=None, dtype=None, devices=None,
                   max_batch_size: int = 8, max_seq_len: int = 4096, use_cuda_graph: bool = True,
-                  attn_implementation: str = "sdpa", **generate_kwargs):
+                  attn_implementation: Optional[str] = None, **generate_kwargs):
     """Generate with RAST: ``z = z_base + alpha * (z_expert - z_expert_base)`` at every step.
 
     Builds a :class:`RastEngine` from ``base``, ``expert``, ``expert_base`` (model ids, local paths or

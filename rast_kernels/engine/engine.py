@@ -38,6 +38,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .. import _backends
 from ..ops.rast_sample import _check_param, rast_sample
 from .cache import EngineKVCache
 from .loading import (ROLES, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
@@ -128,8 +129,10 @@ class RastEngine:
         Larger batches are processed in chunks of ``max_batch_size``.
     use_cuda_graph : bool
         Capture the decode step in CUDA graphs (CUDA only, all models on one device).
-    attn_implementation : {"sdpa", "eager", "rast_decode"}
-        The attention the engine's models use (the one place it is chosen). The engine passes 4-D
+    attn_implementation : {None, "sdpa", "eager", "rast_decode"}
+        The attention the engine's models use (the one place it is chosen). ``None`` (default):
+        ``"rast_decode"`` when the base model is on CUDA and Triton is importable, else ``"sdpa"``;
+        pass ``"sdpa"`` to turn the decode-attention kernel off. The engine passes 4-D
         additive masks; with ``"rast_decode"`` decode steps run :mod:`rast_kernels.engine.attention`'s
         kernel over each row's valid cache range (prompts still use SDPA).
     """
@@ -137,7 +140,7 @@ class RastEngine:
 
     def __init__(self, base, expert, expert_base, *, tokenizer=None, dtype=None, devices=None,
                  max_batch_size: int = 8, max_seq_len: int = 4096, use_cuda_graph: bool = True,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: Optional[str] = None):
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -149,8 +152,11 @@ class RastEngine:
             raise TypeError(f"use_cuda_graph: expected a bool, got {type(use_cuda_graph).__name__}")
         self.max_batch_size = int(max_batch_size)
         self.max_seq_len = int(max_seq_len)
-        self.attn_implementation = attn_implementation
         self.devices = resolve_devices(devices)
+        if attn_implementation is None:
+            on_cuda = self.devices["base"].type == "cuda"
+            attn_implementation = "rast_decode" if on_cuda and _backends.has_triton() else "sdpa"
+        self.attn_implementation = attn_implementation
         self.device = self.devices["base"]  # where sampling and bookkeeping run
 
         specs = dict(base=base, expert=expert, expert_base=expert_base)

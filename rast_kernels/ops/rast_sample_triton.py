@@ -11,8 +11,9 @@ the greedy argmax of ``z`` and, for rows without an active filter, the exponenti
 ``argmax (z' - log E)`` with its ``z'``. When a filter may be active (decided on the host from the
 argument types/values) it also stores ``z'`` into a workspace ``[B, NCHUNK * CHUNK]`` (``-inf`` padded).
 
-Kernel 2, grid ``(B,)``: merges the chunk statistics. Greedy rows and rows without an active filter
-finish there, without a second pass over the row. Rows with an active filter find the exact kept set on
+Kernel 2, grid ``(B,)``: merges the chunk statistics. Greedy rows (``T == 0``, or ``T`` so small that
+``max z / T`` overflows) and rows without an active filter finish there, without a second pass over
+the row. Rows with an active filter find the exact kept set on
 the workspace row: fp32 ``z'`` maps to an order-preserving int32 key (``bits ^ ((bits >> 31) & 0x7fffffff)``,
 signed compare), and with ``C(t) = #{key >= t}`` and ``H(t) = sum exp(z' - max) over key >= t``:
 
@@ -162,11 +163,11 @@ def _rast_chunk_kernel(
     if ALPHA_T:
         alpha = tl.load(alpha_ptr + row)
     else:
-        alpha = alpha_val
+        alpha = tl.cast(alpha_val, tl.float32)  # (the interpreter types a tiny float as fp64)
     if TEMP_T:
         temp = tl.load(temp_ptr + row)
     else:
-        temp = temp_val
+        temp = tl.cast(temp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
     t_pos = temp > 0.0
     tdiv = tl.where(t_pos, temp, 1.0)
     if FILTER:
@@ -177,11 +178,11 @@ def _rast_chunk_kernel(
         if TOPP_T:
             p = tl.load(topp_ptr + row)
         else:
-            p = topp_val
+            p = tl.cast(topp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
         if MINP_T:
             m = tl.load(minp_ptr + row)
         else:
-            m = minp_val
+            m = tl.cast(minp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
         filt = ((k > 0) & (k < V)) | (p < 1.0) | (m > 0.0)
         # the race here only serves rows that finish in kernel 2 without a search
         do_race = t_pos & (filt == 0)
@@ -281,7 +282,7 @@ def _rast_finish_kernel(
     if TEMP_T:
         temp = tl.load(temp_ptr + row)
     else:
-        temp = temp_val
+        temp = tl.cast(temp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
     if TOPK_T:
         k = tl.load(topk_ptr + row)
     else:
@@ -289,13 +290,14 @@ def _rast_finish_kernel(
     if TOPP_T:
         p = tl.load(topp_ptr + row)
     else:
-        p = topp_val
+        p = tl.cast(topp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
     if MINP_T:
         m = tl.load(minp_ptr + row)
     else:
-        m = minp_val
+        m = tl.cast(minp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
     # NaN compares false: "not (x >= 0)" catches it
-    bad_param = ((temp >= 0.0) == 0) | (k < 0) | (((p > 0.0) & (p <= 1.0)) == 0) | (((m >= 0.0) & (m <= 1.0)) == 0)
+    bad_param = (((temp >= 0.0) & (temp < _POS_INF)) == 0) | (k < 0) | (((p > 0.0) & (p <= 1.0)) == 0) | \
+        (((m >= 0.0) & (m <= 1.0)) == 0)
 
     c = tl.arange(0, NCP2)
     cm = c < NCHUNK
@@ -319,10 +321,11 @@ def _rast_finish_kernel(
     r_z = tl.reduce(tl.where((r_c == r_max) & (ri_c == r_idx), rz_c, _NEG_INF), 0, _cmax)
 
     bad = (tl.reduce(bad_c, 0, _cmax) > 0) | (g_max == _NEG_INF) | bad_param
-    greedy = temp == 0.0
+    # greedy: T == 0, or T so small that max z / T overflows (the T -> 0 limit)
+    greedy = (temp == 0.0) | (tl.abs(tl.math.div_rn(g_max, tl.where(temp > 0.0, temp, 1.0))) == _POS_INF)
     tok = tl.where(greedy, g_idx, r_idx)
     lp = tl.where(greedy, 0.0, r_z - (zmax + tl.log(total)))
-    # no kept column (only possible when z / T overflows to -inf everywhere): nothing to draw
+    # no kept column (cannot happen for a valid non-greedy row; kept as a guard): nothing to draw
     none_kept = (greedy == 0) & (r_max == _NEG_INF)
 
     if FILTER:

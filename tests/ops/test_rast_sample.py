@@ -66,7 +66,8 @@ def _many_draws(backend, logits, draws, **kw):
 def test_distribution_matches_reference(backend, filters):
     """Support equals the reference kept set and frequencies pass a G-test (fixed seeds: deterministic)."""
     scipy_stats = pytest.importorskip("scipy.stats")
-    draws = 3000
+    # the Triton interpreter costs ~30 ms a row on CPU: fewer draws there (its tokens also equal the reference's)
+    draws = 300 if backend == "triton" and DEVICE == "cpu" else 3000
     trio = _trio(1, widths=(13, 12, 12), seed=7, ties=True, masked=0.1)
     tokens = _many_draws(backend, trio, draws, alpha=0.8, temperature=1.3, seed=5, **filters).cpu()
 

@@ -125,6 +125,17 @@ def test_per_row_filters_and_greedy_via_tensors():
     _assert_same(_run(base, expert, expert_base, chunk=32, **kw), _ref(base, expert, expert_base, **kw))
 
 
+def test_temperature_limits_per_row():
+    """Per-row temperatures: tiny enough that max z / T overflows is greedy (merged from many chunks,
+    filters on), tiny but finite z / T is still a draw, +inf and NaN are bad rows."""
+    base, expert, expert_base = (_logits(5, 200, 80 + i, ties=True) for i in range(3))
+    kw = dict(temperature=torch.tensor([1e-38, math.inf, 1e-30, 0.7, math.nan]), top_p=0.9, top_k=50,
+              seed=4, offset=torch.arange(5))
+    got = _run(base, expert, expert_base, chunk=32, **kw)
+    _assert_same(got, _ref(base, expert, expert_base, **kw))
+    assert got[0][[1, 4]].tolist() == [-1, -1] and got[1][0] == 0.0
+
+
 @pytest.mark.parametrize("vocab,chunk", [(1, None), (7, None), (7, 2), (1000, None), (5003, 1024)])
 def test_odd_sizes(vocab, chunk):
     """Vocabularies that are not a multiple of the chunk (partial last chunk), down to V=1."""

@@ -5,7 +5,7 @@ from rast_kernels.toy import demo, task
 
 
 def test_demo_runs(capsys):
-    assert demo.main(["--problems", "5", "--samples", "2", "--threads", "1"]) == 0
+    assert demo.main(["--problems", "5", "--samples", "2"]) == 0
     out = capsys.readouterr().out
     for name in ("base ", "expert_base", "expert ", "base + delta (alpha=1)", "gain of base + delta over base"):
         assert name in out
@@ -15,7 +15,7 @@ def test_demo_runs(capsys):
 
 def test_demo_sampling_options(capsys):
     assert demo.main(["--problems", "3", "--samples", "0", "--temperature", "0.8", "--top-p", "0.9",
-                      "--alpha", "2", "--seed", "5", "--threads", "1"]) == 0
+                      "--alpha", "2", "--seed", "5"]) == 0
     assert "base + delta (alpha=2)" in capsys.readouterr().out
 
 
