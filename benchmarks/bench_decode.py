@@ -262,8 +262,9 @@ def run(args, checkpoint=None) -> dict:
         finish()
     engine_runs = []
     if "engine" in args.systems:
-        engine_runs.append(("engine", lambda: trio, f"RastEngine.generate, use_cuda_graph={not args.no_cuda_graph}; "
-                                                    "(T(N) - T(1)) / (N - 1)"))
+        engine_runs.append(("engine", lambda: trio,
+                            f"RastEngine.generate (use_cuda_graph={not args.no_cuda_graph} requested); "
+                            "(T(N) - T(1)) / (N - 1)"))
     if "base_alone" in args.systems:
         engine_runs.append(("base_alone_engine", lambda: [trio[0], *stub_pair(trio, args)],
                             "the engine with the expert and expert base replaced by 1-layer, 64-wide stubs of the "
@@ -283,7 +284,9 @@ def run(args, checkpoint=None) -> dict:
                              "error": runner_error})
             else:
                 rows.append(_attempt(system, lambda: time_engine(runner, prompts[B], args.new_tokens, args.repeats),
-                                     **common(B, args.new_tokens), note=note))
+                                     **common(B, args.new_tokens), note=note,
+                                     attn_implementation=getattr(runner.engine, "attn_implementation", None),
+                                     cuda_graph=getattr(runner.engine, "use_cuda_graph", None)))
             _print_rows([rows[-1]])
             finish()
         del runner

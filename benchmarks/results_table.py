@@ -77,8 +77,11 @@ def decode_table(result: dict) -> str:
     order = ["engine", "peer_loop", "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone"]
     for r in sorted(result["rows"], key=lambda r: (r["B"], order.index(r["system"]) if r["system"] in order else 99)):
         note = r.get("error") or r.get("note", "")
+        if "attn_implementation" in r:
+            note += f" [attention {r['attn_implementation']}, CUDA graph {r.get('cuda_graph')}]"
+        x_peer = f"{r['speedup_vs_peer']:.2f}x" if r.get("speedup_vs_peer") else "-"
         lines.append(f"| {r['B']} | {r['system']} | {_f(r.get('ms_per_token'), '.2f')} | {_f(r.get('tokens_per_s'))} | "
-                     f"{_f(r.get('speedup_vs_peer'), '.2f')}x | {_f(r.get('pct_of_floor'))} | {note} |")
+                     f"{x_peer} | {_f(r.get('pct_of_floor'))} | {note} |")
     return "\n".join(lines)
 
 

@@ -26,11 +26,12 @@ def _engine():
     return rast_generate
 
 
-def run_rows(prompts, trio_paths, models, rows, *, temperature, top_p, seed, device):
+def run_rows(prompts, models, rows, *, temperature, top_p, seed):
     """Decode ``prompts`` once per row; returns ``{row name: [completion text]}`` and the decoder used.
 
-    ``rows``: ``[(name, base, expert, expert_base, alpha)]`` naming which of ``models``/``trio_paths``
-    fill each role; a model alone is the RAST combination with itself at alpha 0 (``z = z_base``)."""
+    ``rows``: ``[(name, base, expert, expert_base, alpha)]`` naming which of ``models`` fill each role;
+    a model alone is the RAST combination with itself at alpha 0 (``z = z_base``). Prompt ``i`` gets
+    the Philox seed ``row_seed(seed, i)`` in every row, as in the training-time table."""
     gen = _engine()
     out = {}
     for name, b, e, eb, alpha in rows:
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=1.0, help="weight of the expert's RL delta (default 1)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--problems", type=int, default=100, help="held-out problems to run (default 100)")
+    ap.add_argument("--problems", type=int, default=200, help="held-out problems to run (default 200)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--samples", type=int, default=4, help="side-by-side samples to print (default 4)")
     ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -88,8 +89,8 @@ def main(argv=None) -> int:
             ("expert_base", "expert_base", "expert_base", "expert_base", 0.0),
             ("expert", "expert", "expert", "expert", 0.0),
             (f"base + delta (alpha={a:g})", "base", "expert", "expert_base", a)]
-    texts, decoder = run_rows(prompts, args.trio, models, rows, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, device=args.device)
+    texts, decoder = run_rows(prompts, models, rows, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
     dt = time.time() - t0
 
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}"
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         for i, p in enumerate(problems[:args.samples]):
             b, r = texts["base"][i], texts[rows[3][0]][i]
             mark = lambda t: "ok " if task.check_answer(p, t) else "bad"
-            print(f"  {p.prompt:<14} answer {p.answer}\n    base        [{mark(b)}] {b}\n    base+delta  [{mark(r)}] {r}")
+            print(f"  {p.prompt}  answer {task.ANSWER_CHARS[p.answer]}\n    base        [{mark(b)}] {b}\n    base+delta  [{mark(r)}] {r}")
     return 0
 
 

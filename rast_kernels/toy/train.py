@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -39,7 +39,7 @@ class TrainConfig:
     worked_fraction: float = 0.15     # share of worked-style documents in the pretraining corpus
     base_dims: tuple = (4, 128, 384, 4)   # layers, hidden, intermediate, heads
     small_dims: tuple = (2, 64, 192, 4)
-    pretrain_steps_base: int = 600
+    pretrain_steps_base: int = 1000
     pretrain_steps_small: int = 400
     batch_size: int = 128
     lr_base: float = 2e-3
@@ -136,6 +136,13 @@ def pretrain(model, cfg: TrainConfig, steps: int, lr: float, data_seed: int, log
     return model
 
 
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever ``forward`` takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def row_seed(seed: int, row: int) -> int:
     """The Philox seed of evaluation row ``row`` under run seed ``seed`` (pass these as ``rast_generate``'s
     per-prompt seed list to reproduce a sampled row exactly)."""
@@ -174,8 +181,9 @@ def generate(models, prompts, *, alpha=1.0, temperature=0.0, top_p=1.0, seed=0, 
         for t in range(max_new_tokens):
             logits = []
             for j, m in enumerate(trio):
-                o = m(input_ids=step_in, past_key_values=caches[j], use_cache=True)
-                caches[j] = o.past_key_values
+                o = m(input_ids=step_in, use_cache=True, **{_cache_kwarg(m): caches[j]})
+                cache = getattr(o, "cache", None)
+                caches[j] = cache if cache is not None else o.past_key_values
                 logits.append(o.logits[:, -1].float())
             if len(trio) == 1:
                 logits = logits * 3
@@ -238,11 +246,16 @@ def grpo(model, cfg: TrainConfig, data_seed: int, log=print):
     return history
 
 
+FORCED_ROW = "base, worked style forced (diagnostic)"
+
+
 def eval_rows(alphas):
-    """The table's rows: ``(name, mode, alpha)`` with mode ``single:<model>`` or ``rast``."""
+    """The table's rows: ``(name, mode, alpha)`` with mode ``single:<model>``, ``rast`` or ``forced:<model>``
+    (the prompt is followed by ``S``, so the model must answer in the worked style: what it can do)."""
     rows = [("base", "single:base", None), ("expert_base", "single:expert_base", None),
             ("expert", "single:expert", None)]
     rows += [(f"base + delta (alpha={a:g})", "rast", float(a)) for a in alphas]
+    rows.append((FORCED_ROW, "forced:base", None))
     return rows
 
 
@@ -274,6 +287,10 @@ def evaluate(models: dict, problems, alphas, *, temperature_sample=1.0, sample_s
             if mode == "rast":
                 trio = (models["base"], models["expert"], models["expert_base"])
                 comps = generate(trio, prompts, alpha=alpha, temperature=temp, seed=sample_seed)
+            elif mode.startswith("forced:"):
+                s_id = encode("S")
+                comps = [s_id + c for c in generate(models[mode.split(":")[1]], [p + s_id for p in prompts],
+                                                    temperature=temp, seed=sample_seed)]
             else:
                 comps = generate(models[mode.split(":")[1]], prompts, temperature=temp, seed=sample_seed)
             row = {"row": name, "decoding": decoding, "temperature": temp, "alpha": alpha}
@@ -370,7 +387,15 @@ def main(argv=None) -> int:
     cfg = TrainConfig.smoke(threads=1, **over) if args.smoke else TrainConfig(**over)
     if args.threads is not None:
         cfg.threads = args.threads
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, args, argv)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() may run inside a test process
+
+
+def _run(cfg: TrainConfig, args, argv) -> int:
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_log.txt"), "w")
 
@@ -394,7 +419,13 @@ def main(argv=None) -> int:
     timings["pretrain_small_s"] = time.time() - t
 
     tok = build_tokenizer()
-    save = lambda m, k: (m.save_pretrained(os.path.join(args.out, k)), tok.save_pretrained(os.path.join(args.out, k)))
+    def save(model, role):
+        path = os.path.join(args.out, role)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        for name in os.listdir(path):  # safetensors are written 0600; installed package data must be readable
+            os.chmod(os.path.join(path, name), 0o644)
+
     save(base, "base")
     save(small, "expert_base")
     t = time.time()

@@ -7,6 +7,7 @@ from rast_kernels.toy import demo, task
 def test_demo_runs(capsys):
     assert demo.main(["--problems", "5", "--samples", "2"]) == 0
     out = capsys.readouterr().out
+    assert "decoder: rast_generate" in out  # the demo goes through the engine, not the training loop
     for name in ("base ", "expert_base", "expert ", "base + delta (alpha=1)", "gain of base + delta over base"):
         assert name in out
     for p in task.heldout_problems(2):

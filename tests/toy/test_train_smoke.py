@@ -17,6 +17,9 @@ def test_smoke_training(tmp_path):
     assert ("base + delta (alpha=1)", "sample") in rows and ("expert", "greedy") in rows
     models = train.load_trio(str(out))
     assert set(models) == {"base", "expert", "expert_base"}
+    for role in models:  # package data must be readable by every user once installed
+        for f in (out / role).iterdir():
+            assert f.stat().st_mode & 0o444 == 0o444, f
     md = (out / "TRAINING.md").read_text()
     assert "--smoke" in md and "| base + delta (alpha=1) |" in md
 
@@ -25,3 +28,15 @@ def test_script_forwards_help():
     script = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python", "train_toy_trio.py")
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--smoke" in r.stdout
+
+
+def test_smoke_training_is_deterministic(tmp_path):
+    # same seed, same thread count: byte-identical weights, including the RL expert (sampled rollouts)
+    for d in ("a", "b"):
+        assert train.main(["--smoke", "--out", str(tmp_path / d), "--threads", "1"]) == 0
+    for role in ("base", "expert_base", "expert"):
+        a = (tmp_path / "a" / role / "model.safetensors").read_bytes()
+        b = (tmp_path / "b" / role / "model.safetensors").read_bytes()
+        assert a == b, role
+    assert train.main(["--smoke", "--out", str(tmp_path / "c"), "--threads", "1", "--seed", "1"]) == 0
+    assert (tmp_path / "c" / "base" / "model.safetensors").read_bytes() != (tmp_path / "a" / "base" / "model.safetensors").read_bytes()

@@ -2,7 +2,6 @@
 its shipped evaluation table on a held-out subset."""
 import filecmp
 import json
-import math
 import os
 
 import pytest
