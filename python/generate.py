@@ -21,8 +21,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "a stitch in time saves nine; the early bird gets the worm",

@@ -73,9 +73,12 @@ def main(argv=None) -> int:
         ap.error("--alpha must be finite")
 
     import torch
+    import transformers
     from transformers import AutoTokenizer
 
     from .train import load_trio
+
+    transformers.utils.logging.disable_progress_bar()  # the weight-loading bars are noise for three tiny models
 
     if args.threads:
         torch.set_num_threads(args.threads)
