@@ -8,9 +8,9 @@ and tokens/s for
   ``(T(N) - T(1)) / (N - 1)`` from two ``generate`` calls with N and 1 new tokens, so the prefill cancels;
 * ``peer_loop``: the peer baseline (``peer_loop.py``: eager HF forwards with ``DynamicCache``, the
   HF-style sampler chain, a host sync per token), timed per step;
-* ``base_alone``: the base model alone, (1) through the same engine with the expert and expert base
-  replaced by tiny 1-layer stubs (``RastEngine`` has no single-model mode; alpha = 0 would still run the
-  two small models) and (2) in the same eager HF loop as the peer baseline;
+* ``base_alone``: the base model alone, (1) through the same engine (``RastEngine(base, None, None)``:
+  same cache, graph and sampler, one forward per step) and (2) in the same eager HF loop as the peer
+  baseline;
 * ``floor``: bytes of all weights of the three models read once per step over the device's copy
   bandwidth (measured here), and the same for the base alone.
 
@@ -93,17 +93,6 @@ def build_trio(args) -> tuple[list, list[str]]:
         names = list(models.TRIOS[args.trio])
         trio = [models.build_model(n, device=device, dtype=dtype, seed=i) for i, n in enumerate(names)]
     return trio, names
-
-
-def stub_pair(trio, args) -> list:
-    """Two 1-layer, 64-wide random models of the base's family with the expert's and expert base's
-    vocabulary widths: stand-ins that let the engine decode "the base model alone" at the cost of the
-    base plus two tiny forwards (well under 1% of the weight bytes of a 7B base)."""
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    family = trio[0].config.model_type
-    widths = [m.get_output_embeddings().weight.shape[0] for m in trio[1:]]
-    return [models.build_model(models.tiny_config(family, w, num_hidden_layers=1), device=device, dtype=dtype,
-                               seed=10 + i, std=0.1) for i, w in enumerate(widths)]
 
 
 def make_prompts(B: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -266,10 +255,8 @@ def run(args, checkpoint=None) -> dict:
                             f"RastEngine.generate (use_cuda_graph={not args.no_cuda_graph} requested); "
                             "(T(N) - T(1)) / (N - 1)"))
     if "base_alone" in args.systems:
-        engine_runs.append(("base_alone_engine", lambda: [trio[0], *stub_pair(trio, args)],
-                            "the engine with the expert and expert base replaced by 1-layer, 64-wide stubs of the "
-                            "same family and vocabulary (RastEngine has no single-model mode): the base model's "
-                            "decode through the engine plus two tiny forwards"))
+        engine_runs.append(("base_alone_engine", lambda: [trio[0], None, None],
+                            "RastEngine(base, None, None): the base model alone through the same engine"))
     tokenizer = models.placeholder_tokenizer(vocab_size)
     for system, make_models, note in engine_runs:
         runner, runner_error = None, None

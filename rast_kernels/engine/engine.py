@@ -110,8 +110,10 @@ class RastEngine:
     ----------
     base, expert, expert_base : str, os.PathLike or transformers.PreTrainedModel
         Model id / local path (``AutoModelForCausalLM``; ``HF_HUB_OFFLINE`` is honoured) or a loaded
-        model. Loaded models are moved/cast **in place**, put in eval mode and switched to
-        ``attn_implementation``. Models of different families are fine as long as they share the
+        model, which is moved/cast **in place**, put in eval mode and switched to ``attn_implementation``.
+        ``expert=None, expert_base=None`` decodes the base model alone with the same machinery (static
+        cache, CUDA graph, fused sampler; ``alpha`` is then irrelevant): the baseline RAST is measured
+        against. Models of different families are fine as long as they share the
         tokenizer's token-id mapping and their embedding / LM-head widths are ``>= len(tokenizer)``
         (wider, padded heads are normal: columns past ``len(tokenizer)`` are never sampled).
     tokenizer : tokenizer, str or None
@@ -159,26 +161,29 @@ class RastEngine:
         self.attn_implementation = attn_implementation
         self.device = self.devices["base"]  # where sampling and bookkeeping run
 
+        if (expert is None) != (expert_base is None):
+            raise ValueError("expert, expert_base: give both (RAST) or neither (the base model alone)")
+        self.roles = ROLES if expert is not None else ("base",)
         specs = dict(base=base, expert=expert, expert_base=expert_base)
         self.models = {}
-        for role in ROLES:
+        for role in self.roles:
             dev = self.devices[role]
             self.models[role] = load_model(specs[role], role, dev, resolve_dtype(dtype, dev), attn_implementation)
-        for role in ROLES:
+        for role in self.roles:
             check_sliding_window(self.models[role], role, self.max_seq_len)
 
         # tokenizers: the given one and any saved with the models must agree
         found = {}
         if tokenizer is not None:
             found["the given"] = load_tokenizer(tokenizer, "tokenizer")
-        for role in ROLES:
+        for role in self.roles:
             found[role] = find_model_tokenizer(specs[role], self.models[role])
         check_tokenizers(found)
         self.tokenizer = next((t for t in found.values() if t is not None), None)
         if self.tokenizer is None:
             raise ValueError("tokenizer: none given and none found with the models; pass tokenizer=...")
         self.vocab_size = len(self.tokenizer)
-        for role in ROLES:
+        for role in self.roles:
             n_in, n_out = model_vocab_widths(self.models[role])
             if min(n_in, n_out) < self.vocab_size:
                 raise ValueError(f"{role}: embedding / LM-head widths ({n_in}, {n_out}) are smaller than the "
@@ -187,7 +192,7 @@ class RastEngine:
 
         # the decode-attention kernel reads each row's valid cache range instead of the mask
         self._bounds = attn_implementation == "rast_decode"
-        self.lanes = [self._make_lane(role) for role in ROLES]
+        self.lanes = [self._make_lane(role) for role in self.roles]
         self.state = _State(self.max_batch_size, self.max_seq_len, self.device)
         one_device = len({lane.device for lane in self.lanes}) == 1
         self.use_cuda_graph = bool(use_cuda_graph and self.device.type == "cuda" and one_device)
@@ -388,7 +393,7 @@ class RastEngine:
         if eos:
             st.eos_ids[:len(eos)].copy_(torch.tensor(eos, dtype=torch.int64))
         st.step.zero_()
-        self._sample_and_update(b, *logits)
+        self._sample_and_update(b, *_three(logits))
 
     def _sample_and_update(self, b: int, base_logits, expert_logits, expert_base_logits) -> None:
         """Sample one token per row and do the bookkeeping; device-only (graph-capturable)."""
@@ -435,7 +440,7 @@ class RastEngine:
             lg = self._forward(lane, input_ids=lane.ids[:b], attention_mask=lane.mask[:b, :, :, :kv],
                                position_ids=lane.pos[:b], **extra)
             logits.append(lg.to(self.device, non_blocking=True))
-        self._sample_and_update(b, *logits)
+        self._sample_and_update(b, *_three(logits))
 
     def _ensure_graph(self, b: int, kv: int):
         """Capture the decode step for batch bucket ``b`` and attended length ``kv`` (once): a throw-away
@@ -722,6 +727,12 @@ class RastEngine:
 
 _GEN_DEFAULTS = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=256, stop=None,
                      eos_token_id=None, seed=0, return_logprobs=False)
+
+
+def _three(logits: list) -> list:
+    """The sampler's three logit rows: the base model alone gives ``z = base + alpha * (base - base)``,
+    which is exactly ``base`` (``x - x == 0`` for finite x; a ``-inf`` column stays masked)."""
+    return logits if len(logits) == 3 else logits * 3
 
 
 def _find_stop(text: str, stops: Sequence[str]):

@@ -57,6 +57,19 @@ def test_alpha_zero_is_base_greedy(qwen_engine, qwen_paths, tokenizer):
         assert o.token_ids == ref[0, ids.shape[1]:].tolist()
 
 
+def test_base_alone_mode(qwen_engine, qwen_paths, tokenizer):
+    """expert=expert_base=None decodes the base alone: greedy equals alpha=0 RAST, sampling draws the
+    same tokens as alpha=0 RAST (z is exactly the base logits in both)."""
+    alone = RastEngine(qwen_paths["base"], None, None, max_seq_len=96, devices=CPU)
+    assert len(alone.lanes) == 1
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=3)):
+        got = alone.generate(PROMPTS, max_new_tokens=8, eos_token_id=[], **kw)
+        want = qwen_engine.generate(PROMPTS, alpha=0.0, max_new_tokens=8, eos_token_id=[], **kw)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    with pytest.raises(ValueError, match="expert"):
+        RastEngine(qwen_paths["base"], qwen_paths["expert"], None, devices=CPU)
+
+
 def test_row_independent_of_batch(qwen_engine):
     target = "héllo wörld"
     kw = dict(temperature=1.0, max_new_tokens=12, eos_token_id=[], return_logprobs=True)
