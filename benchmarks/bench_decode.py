@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import models
-from bench_sampler import copy_bandwidth, device_name, utc_now, versions, write_json
+from common import copy_bandwidth, device_name, run_to_json, sync, utc_now, versions
 from peer_loop import peer_generate, peer_generate_single
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -81,29 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_trio(args) -> tuple[list, list[str]]:
-    """The three models on ``args.device`` and their names."""
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.tiny:
-        # different padded widths, as Qwen2.5-7B (152064) vs 1.5B (151936): the sampler sees vocab_size = 480
-        configs = [models.tiny_config("qwen2", 512), models.tiny_config("qwen2", 480), models.tiny_config("qwen2", 480)]
-        names = ["tiny-qwen2-v512", "tiny-qwen2-v480", "tiny-qwen2-v480"]
-        trio = [models.build_model(c, device=device, dtype=dtype, seed=i, std=0.1) for i, c in enumerate(configs)]
-    else:
-        names = list(models.TRIOS[args.trio])
-        trio = [models.build_model(n, device=device, dtype=dtype, seed=i) for i, n in enumerate(names)]
-    return trio, names
-
-
 def make_prompts(B: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """``B`` random prompts of ``length`` ids in ``[2, vocab)`` (ids 0/1 are pad/eos in the tiny configs)."""
     gen = torch.Generator().manual_seed(seed + B)
     return torch.randint(2, vocab, (B, length), generator=gen).tolist()
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class EngineRunner:
@@ -118,13 +99,13 @@ class EngineRunner:
                                  max_seq_len=max_seq_len, use_cuda_graph=not args.no_cuda_graph)
 
     def time_generate(self, prompts, n: int) -> float:
-        _sync(self.args.device)
+        sync(self.args.device)
         t = time.perf_counter()
         # random models can draw an EOS id by chance (about 1 in V per token): eos_token_id=[] disables
         # EOS stopping, so every row runs exactly n steps
         outs = self.engine.generate(prompts, max_new_tokens=n, alpha=self.args.alpha, temperature=self.args.temperature,
                                     top_p=self.args.top_p, seed=0, eos_token_id=[], progress=False)
-        _sync(self.args.device)
+        sync(self.args.device)
         elapsed = time.perf_counter() - t
         lengths = {len(o.token_ids) for o in outs}
         if lengths != {n}:
@@ -189,7 +170,7 @@ def run(args, checkpoint=None) -> dict:
     device = torch.device(args.device)
     bw = copy_bandwidth(device, args.copy_mib or (1024 if device.type == "cuda" else 64))
     t = time.perf_counter()
-    trio, names = build_trio(args)
+    trio, names = models.build_trio(None if args.tiny else args.trio, device, DTYPES[args.dtype])
     build_s = time.perf_counter() - t
     family = trio[0].config.model_type
     vocab_size = 470 if args.tiny else models.TOKENIZER_LEN[family]
@@ -314,15 +295,7 @@ def _format_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    path = None
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "decode.json"
-    result = run(args, checkpoint=(lambda r: write_json(r, path)) if path else None)
-    if path is not None:
-        write_json(result, path)
-        print(f"wrote {path}")
+    result, _ = run_to_json(run, parse_args(argv), "decode.json")
     return 1 if any(r.get("error") for r in result["rows"]) else 0
 
 

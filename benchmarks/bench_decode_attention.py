@@ -27,17 +27,13 @@ Writes ``decode_attention.json`` under ``--out``. Needs CUDA.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-import rast_kernels
+from common import copy_bandwidth, device_name, utc_now, versions, write_json
 from rast_kernels.ops.decode_attention import decode_attention, decode_attention_reference, default_num_splits
 
 # name -> (H_q, H_kv, head_dim), from the public configs (benchmarks/configs)
@@ -68,33 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=float, default=24e9, help="skip cases whose buffers would exceed this")
     p.add_argument("--out", type=Path, default=None, help="directory for decode_attention.json")
     return p.parse_args(argv)
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "rast_kernels": rast_kernels.__version__}
-    for pkg in ("triton", "transformers"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def copy_bandwidth(mib: int = 1024, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read plus written), median of ``repeats`` copies."""
-    src = torch.randn(mib * 2**20 // 4, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return 2 * src.numel() * 4 / statistics.median(times)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -213,11 +182,11 @@ def main(argv=None) -> int:
         print("bench_decode_attention.py needs a CUDA GPU (it times CUDA graphs with CUDA events); "
               "the kernel's correctness tests run on CPU: pytest tests/ops/test_decode_attention.py", file=sys.stderr)
         return 2
-    bandwidth = copy_bandwidth()
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device, 1024, repeats=20)
     result = dict(
-        benchmark="decode_attention",
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(), versions=versions(), copy_bandwidth_bytes_per_s=bandwidth,
+        benchmark="decode_attention", date_utc=utc_now(), device=device_name(device), versions=versions(),
+        copy_bandwidth_bytes_per_s=bandwidth,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, cases=[],
     )
     print(f"{result['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -237,7 +206,7 @@ def main(argv=None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / "decode_attention.json"
-        path.write_text(json.dumps(result, indent=1))
+        write_json(result, path)
         print(f"wrote {path}")
     return 0
 

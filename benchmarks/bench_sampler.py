@@ -25,11 +25,7 @@ Writes ``sampler.json`` (and ``sampler.png`` via ``plot_sampler.py``) under ``--
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +36,7 @@ import torch
 
 import baselines
 import rast_kernels
+from common import copy_bandwidth, device_name, run_to_json, sync, utc_now, versions
 from rast_kernels.ops.rast_sample import _resolve_backend
 
 FULL_BATCHES = (1, 16, 64, 256)
@@ -89,34 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} (CPU, {torch.get_num_threads()} threads)"
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "rast_kernels": rast_kernels.__version__}
-    for pkg in ("triton", "transformers", "flashinfer-python"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 class Timer:
     """Times ``fn(i)`` calls: CUDA events on CUDA, perf_counter on CPU; adaptive repeat count."""
 
@@ -125,21 +94,17 @@ class Timer:
         self.min_repeats, self.budget_s = min_repeats, budget_s
         self.last_cpu_times: list[float] | None = None  # process CPU times of the last CPU measurement
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def __call__(self, fn) -> tuple[list[float], object]:
         """``(per-call times in microseconds, the first call's result)``; ``fn(i)`` gets the call index."""
         # warm-up (compilation, caches, allocator); cut short for slow cases, where it would cost minutes
         t0 = time.perf_counter()
         first = fn(0)
         done = 1
-        self._sync()
+        sync(self.device)
         while done < self.warmup and time.perf_counter() - t0 <= self.budget_s / 2:
             fn(done)
             done += 1
-            self._sync()
+            sync(self.device)
         per_call = (time.perf_counter() - t0) / done
         n = int(min(self.repeats, max(self.min_repeats, self.budget_s / max(per_call, 1e-7))))
         if self.device.type == "cuda":
@@ -148,7 +113,7 @@ class Timer:
                 start.record()
                 fn(done + i)
                 end.record()
-            self._sync()
+            sync(self.device)
             return [start.elapsed_time(end) * 1e3 for start, end in events], first
         times, cpu_times = [], []
         for i in range(n):
@@ -167,16 +132,6 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(s) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def copy_bandwidth(device: torch.device, mib: int, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    n = mib * 2**20 // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    timer = Timer(device, warmup=3, repeats=repeats, min_repeats=repeats, budget_s=1.0)
-    times, _ = timer(lambda i: dst.copy_(src))
-    return 2 * n * 4 / (statistics.median(times) * 1e-6)
 
 
 def make_inputs(B: int, V: int, dtype: torch.dtype, device: torch.device, n_sets: int, seed: int):
@@ -327,27 +282,13 @@ def _format_row(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    path = None
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "sampler.json"
-    result = run(args, checkpoint=(lambda r: write_json(r, path)) if path else None)
-    if path is not None:
-        write_json(result, path)
-        print(f"wrote {path}")
-        if not args.no_plot:
-            import plot_sampler
-            png = plot_sampler.plot(result, args.out / "sampler.png")
-            print(f"wrote {png}")
+    result, path = run_to_json(run, args, "sampler.json")
+    if path is not None and not args.no_plot:
+        import plot_sampler
+        png = plot_sampler.plot(result, args.out / "sampler.png")
+        print(f"wrote {png}")
     failed = [r for r in result["rows"] if r.get("error") or r.get("invalid_output")]
     return 1 if failed else 0
-
-
-def write_json(result: dict, path: Path) -> None:
-    """Write via a temporary file so that a run killed mid-write leaves the previous complete JSON."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ init work), materialises it with ``to_empty`` on the target device and fills eve
 random init there, so a 7B model is ready in seconds on a GPU instead of minutes of CPU init.
 Random weights give the real shapes, bytes and kernels, not real text.
 
-Trios (base, expert, expert base) used by the decode benchmarks: :data:`TRIOS`.
+Trios (base, expert, expert base) used by the decode benchmarks: :data:`TRIOS`, built by :func:`build_trio`.
 """
 from __future__ import annotations
 
@@ -100,6 +100,24 @@ def build_model(config: str | PretrainedConfig, *, device="cpu", dtype=torch.bfl
                 param.normal_(0.0, std, generator=gen)
     _reset_rotary_buffers(model)
     return model.eval()
+
+
+# the tiny trio of CPU smoke runs: (vocab width, name) of base, expert, expert base. Different padded widths,
+# as Qwen2.5-7B (152064) vs 1.5B (151936): the sampler sees the narrower vocab_size = 480
+TINY_TRIO = ((512, "tiny-qwen2-v512"), (480, "tiny-qwen2-v480"), (480, "tiny-qwen2-v480"))
+
+
+def build_trio(trio: str | None, device="cpu", dtype=torch.bfloat16) -> tuple[list[PreTrainedModel], list[str]]:
+    """``(models, names)``: the base, expert and expert base of :data:`TRIOS` ``[trio]`` on ``device`` in
+    ``dtype`` (seeds 0, 1, 2), or with ``trio=None`` the tiny Qwen2-family trio :data:`TINY_TRIO` (std 0.1)."""
+    if trio is None:
+        names = [name for _, name in TINY_TRIO]
+        configs = [tiny_config("qwen2", width) for width, _ in TINY_TRIO]
+        return [build_model(c, device=device, dtype=dtype, seed=i, std=0.1) for i, c in enumerate(configs)], names
+    if trio not in TRIOS:
+        raise ValueError(f"trio: expected None or one of {sorted(TRIOS)}, got {trio!r}")
+    names = list(TRIOS[trio])
+    return [build_model(n, device=device, dtype=dtype, seed=i) for i, n in enumerate(names)], names
 
 
 def weight_bytes(*models: torch.nn.Module) -> int:

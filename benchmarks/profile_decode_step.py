@@ -28,10 +28,6 @@ Writes ``profile_<trio>_b<B>.json`` (and with ``--trace`` one Chrome trace per i
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
-import platform
 import re
 import statistics
 import sys
@@ -41,7 +37,7 @@ from pathlib import Path
 import torch
 
 import models  # benchmarks/models.py: random-init models from benchmarks/configs
-import rast_kernels
+from common import copy_bandwidth, device_name, sync, utc_now, versions, write_json
 from rast_kernels import rast_sample
 from rast_kernels.engine.attention import RAST_DECODE, RAST_DECODE_MASKLESS, register_rast_attention
 
@@ -77,16 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "rast_kernels": rast_kernels.__version__}
-    for pkg in ("triton", "transformers"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 class DecodeState:
     """Static buffers of the step (same tensors at capture and replay; advanced in place by the step)."""
 
@@ -120,21 +106,6 @@ def make_step(trio, caches, state: DecodeState, attn: str):
             state.pos.add_(1)
             state.offset.add_(1)
     return step
-
-
-def copy_bandwidth(mib: int = 1024, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read plus written), median over ``repeats``."""
-    src = torch.randn(mib * 2**20 // 4, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    ms = time_ms(lambda: dst.copy_(src), repeats, src.device)
-    return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_ms(fn, n: int, device: torch.device) -> float:
@@ -218,21 +189,10 @@ def profile(fn, steps: int, top: int, on_gpu: bool, trace_path: Path | None, dev
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
-        _sync(device)
+        sync(device)
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
     return summarise(prof, steps, top, on_gpu)
-
-
-def build(args, device, dtype):
-    if args.smoke_cpu:
-        configs = [models.tiny_config("qwen2", 512), models.tiny_config("qwen2", 480), models.tiny_config("qwen2", 480)]
-        names = ["tiny-qwen2-v512", "tiny-qwen2-v480", "tiny-qwen2-v480"]
-        trio = [models.build_model(c, device=device, dtype=dtype, seed=i, std=0.1) for i, c in enumerate(configs)]
-    else:
-        names = list(models.TRIOS[args.trio])
-        trio = [models.build_model(n, device=device, dtype=dtype, seed=i) for i, n in enumerate(names)]
-    return trio, names
 
 
 def run_variant(attn, trio, args, device, trace_dir) -> dict:
@@ -252,7 +212,7 @@ def run_variant(attn, trio, args, device, trace_dir) -> dict:
     for _ in range(3):  # compile the Triton kernels, settle the allocator; keep the tokens as a sanity check
         step()
         first_tokens.append(state.tok[:, 0].clone())
-    _sync(device)
+    sync(device)
     row = dict(attn=attn, first_tokens=torch.stack(first_tokens, 1).tolist())
     row["eager_step_ms"] = time_ms(step, args.timed_steps, device)
     trace = (lambda tag: trace_dir / f"trace_{attn}_{tag}.json") if trace_dir is not None else (lambda tag: None)
@@ -260,7 +220,7 @@ def run_variant(attn, trio, args, device, trace_dir) -> dict:
     if on_gpu:
         graph = capture(step)
         graph.replay()
-        _sync(device)
+        sync(device)
         row["graph_step_ms"] = time_ms(graph.replay, args.timed_steps, device)
         if args.profile_graph:
             row["profile_graph"] = profile(graph.replay, args.steps, args.top, on_gpu, trace("graph"), device)
@@ -294,16 +254,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     register_rast_attention()
-    trio, names = build(args, device, dtype)
+    trio, names = models.build_trio(None if args.smoke_cpu else args.trio, device, dtype)
     summary = dict(
         benchmark="profile_decode_step",
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run: not a measurement)",
+        date_utc=utc_now(),
+        device=device_name(device) if device.type == "cuda" else "cpu (smoke run: not a measurement)",
         versions=versions(), models=names, batch=args.batch, prompt_len=args.prompt_len,
         max_cache_len=args.max_cache_len, dtype=str(dtype), weight_bytes=models.weight_bytes(*trio), variants=[],
     )
     if device.type == "cuda":
-        bandwidth = copy_bandwidth()
+        bandwidth = copy_bandwidth(device, 1024, repeats=20)
         summary["copy_bandwidth_bytes_per_s"] = bandwidth
         summary["weight_floor_ms"] = summary["weight_bytes"] / bandwidth * 1e3
         print(f"{summary['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, weight floor "
@@ -324,7 +284,7 @@ def main(argv=None) -> int:
     print("first 3 sampled tokens per row agree across implementations" if same else
           "WARNING: the implementations sampled different first tokens (bf16 near-ties can do this; fp32 should not)")
     path = args.out / f"profile_{'smoke' if args.smoke_cpu else args.trio}_b{args.batch}.json"
-    path.write_text(json.dumps(summary, indent=1))
+    write_json(summary, path)
     print(f"wrote {path}")
     return 0
 
