@@ -144,6 +144,28 @@ def _philox_noise(cols, k0, k1, c1, c2, PRECISE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------- kernel 1: one chunk of a row
+@triton.jit
+def _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T: tl.constexpr,
+                OFF_T: tl.constexpr):
+    """The row's Philox key (k0, k1) = seed words and counter words (c1, c2) = offset words (uint32), from
+    ``[B]`` int64 tensors or from host numbers split into 32-bit halves."""
+    if SEED_T:
+        s = tl.load(seed_ptr + row)
+        k0 = s.to(tl.uint32)
+        k1 = (s >> 32).to(tl.uint32)
+    else:
+        k0 = seed_lo.to(tl.uint32, bitcast=True)
+        k1 = seed_hi.to(tl.uint32, bitcast=True)
+    if OFF_T:
+        o = tl.load(off_ptr + row)
+        c1 = o.to(tl.uint32)
+        c2 = (o >> 32).to(tl.uint32)
+    else:
+        c1 = off_lo.to(tl.uint32, bitcast=True)
+        c2 = off_hi.to(tl.uint32, bitcast=True)
+    return k0, k1, c1, c2
+
+
 @triton.jit(do_not_specialize=["alpha_val", "temp_val", "topk_val", "topp_val", "minp_val",
                                "seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _rast_chunk_kernel(
@@ -189,20 +211,7 @@ def _rast_chunk_kernel(
     else:
         filt = False
         do_race = t_pos
-    if SEED_T:
-        s = tl.load(seed_ptr + row)
-        k0 = s.to(tl.uint32)
-        k1 = (s >> 32).to(tl.uint32)
-    else:
-        k0 = seed_lo.to(tl.uint32, bitcast=True)
-        k1 = seed_hi.to(tl.uint32, bitcast=True)
-    if OFF_T:
-        o = tl.load(off_ptr + row)
-        c1 = o.to(tl.uint32)
-        c2 = (o >> 32).to(tl.uint32)
-    else:
-        c1 = off_lo.to(tl.uint32, bitcast=True)
-        c2 = off_hi.to(tl.uint32, bitcast=True)
+    k0, k1, c1, c2 = _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T, OFF_T)
 
     m_run = tl.full((), _NEG_INF, tl.float32)
     s_run = tl.full((), 0.0, tl.float32)
@@ -426,20 +435,7 @@ def _rast_finish_kernel(
                 tau = lo
             # final pass over key >= tau and (min-p) exp(z' - max) >= min_p: race and kept mass;
             # blocks without a kept column are skipped (no Philox for them)
-            if SEED_T:
-                s = tl.load(seed_ptr + row)
-                k0 = s.to(tl.uint32)
-                k1 = (s >> 32).to(tl.uint32)
-            else:
-                k0 = seed_lo.to(tl.uint32, bitcast=True)
-                k1 = seed_hi.to(tl.uint32, bitcast=True)
-            if OFF_T:
-                o = tl.load(off_ptr + row)
-                c1 = o.to(tl.uint32)
-                c2 = (o >> 32).to(tl.uint32)
-            else:
-                c1 = off_lo.to(tl.uint32, bitcast=True)
-                c2 = off_hi.to(tl.uint32, bitcast=True)
+            k0, k1, c1, c2 = _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T, OFF_T)
             tau32 = tau.to(tl.int32)
             best = tl.full((), _NEG_INF, tl.float32)
             best_idx = tl.full((), _INT32_MAX, tl.int32)
