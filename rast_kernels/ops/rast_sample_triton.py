@@ -274,6 +274,51 @@ def _rast_chunk_kernel(
 
 
 # --------------------------------------- kernel 2: merge a row's chunks; exact thresholds; race over the kept set
+@triton.jit
+def _threshold_search(ws_row, NW, lo, hi, key_guess, zmax, thresh, MASS: tl.constexpr, BLOCK: tl.constexpr,
+                      NP: tl.constexpr, PRECISE: tl.constexpr):
+    """Multi-pivot bisection over the keys of the workspace row ``ws_row[0:NW]``: returns
+    ``(smallest t with M(t) < thresh) - 1`` where ``M(t)`` sums, over columns with ``key >= t``, 1 (top-k:
+    ``thresh = k``; counts are exact in fp32 below 2^24) or ``exp(z' - zmax)`` (``MASS``, top-p). Keeps
+    ``M(lo) >= thresh`` and ``M(hi) < thresh``; a pass evaluates the predicate at NP lanes ``q = lo``,
+    NP - 2 pivots (the first pass: ``key_guess`` clamped to the bracket; then evenly spaced), ``hi``, and
+    per lane the largest element key below ``q`` and the smallest at or above it; with ``j`` the first
+    lane where the predicate holds, the bracket is snapped to element keys (the predicate only changes
+    just above an element key). It ends when one distinct key is left: at most 10 passes."""
+    offs = tl.arange(0, BLOCK)
+    lane = tl.arange(0, NP)
+    lane64 = lane.to(tl.int64)
+    npass = tl.zeros((), tl.int32)
+    while hi - lo > 1:
+        q = tl.where(npass == 0, tl.minimum(tl.maximum(key_guess, lo), hi), lo + ((hi - lo) * lane64) // (NP - 1))
+        q = tl.where(lane == 0, lo, tl.where(lane == NP - 1, hi, q)).to(tl.int32)
+        npass += 1
+        acc = tl.zeros((NP,), tl.float32)
+        below = tl.full((NP,), _INT32_MIN, tl.int32)
+        above = tl.full((NP,), _INT32_MAX, tl.int32)
+        for start in range(0, NW, BLOCK):
+            zp = tl.load(ws_row + start + offs)
+            kb = tl.where(zp == 0.0, 0.0, zp).to(tl.int32, bitcast=True)
+            key = (kb ^ ((kb >> 31) & 0x7FFFFFFF))[:, None]
+            if MASS:
+                if PRECISE:
+                    w = libdevice.exp(zp - zmax)
+                else:
+                    w = tl.exp(zp - zmax)
+            else:
+                w = tl.full((BLOCK,), 1.0, tl.float32)
+            ge = key >= q[None, :]
+            acc += tl.reduce(tl.where(ge, w[:, None], 0.0), 0, _csum)
+            below = tl.maximum(below, tl.reduce(tl.where(ge, _INT32_MIN, key), 0, _cmax))
+            above = tl.minimum(above, tl.reduce(tl.where(ge, key, _INT32_MAX), 0, _cmin))
+        pred = ((acc < thresh) | (lane == NP - 1)) & (lane > 0)
+        j = tl.reduce(tl.where(pred, lane, NP), 0, _cmin)
+        lo = tl.reduce(tl.where(lane == j - 1, above, _INT32_MIN), 0, _cmax).to(tl.int64)
+        hi = tl.reduce(tl.where(lane == j, below, _INT32_MIN), 0, _cmax).to(tl.int64) + 1
+        hi = tl.maximum(hi, lo + 1)
+    return lo
+
+
 @triton.jit(do_not_specialize=["temp_val", "topk_val", "topp_val", "minp_val",
                                "seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _rast_finish_kernel(
@@ -343,7 +388,6 @@ def _rast_finish_kernel(
             ws_row = ws_ptr + row64 * NW
             offs = tl.arange(0, BLOCK)
             lane = tl.arange(0, NP)
-            lane64 = lane.to(tl.int64)
             zb = tl.where(zmax == 0.0, 0.0, zmax).to(tl.int32, bitcast=True)
             key_max = (zb ^ ((zb >> 31) & 0x7FFFFFFF)).to(tl.int64)
             # first-pass pivots in value space, max - (2^(i/2) - 1) for i = 0..13 (0 to ~90 below the max,
@@ -352,40 +396,10 @@ def _rast_finish_kernel(
             vb = tl.where(vq == 0.0, 0.0, vq).to(tl.int32, bitcast=True)
             key_guess = (vb ^ ((vb >> 31) & 0x7FFFFFFF)).to(tl.int64)
             tau = tl.full((), _KEY_NEG_INF, tl.int64)
-            # Both searches find tau = (smallest t with P(t)) - 1 for a predicate P monotone in t, keeping
-            # P(lo) false and P(hi) true. A pass evaluates P at NP lanes q = lo, NP - 2 pivots (the first
-            # pass: key_guess clamped to the bracket; then evenly spaced), hi, and per lane the largest
-            # element key below q and the smallest at or above it;
-            # with j the first lane where P holds, the new bracket is snapped to element keys:
-            # lo = min key >= q[j-1], hi = max key < q[j] + 1 (P only changes just above an element key).
-            # It ends when one distinct key is left (tau = lo): at most 10 passes (module docstring).
-            # top-k: P(t) = C(t) < k, C(t) = #{key >= t}; at the start C(key(-inf)) = NW >= V > k.
+            # top-k: tau_k = (smallest t with C(t) < k) - 1, C(t) = #{key >= t}; C(key(-inf)) = NW >= V > k
             if k_on:
-                lo = tl.full((), _KEY_NEG_INF, tl.int64)
-                hi = key_max + 1
-                npass = tl.zeros((), tl.int32)
-                while hi - lo > 1:
-                    q = tl.where(npass == 0, tl.minimum(tl.maximum(key_guess, lo), hi),
-                                 lo + ((hi - lo) * lane64) // (NP - 1))
-                    q = tl.where(lane == 0, lo, tl.where(lane == NP - 1, hi, q)).to(tl.int32)
-                    npass += 1
-                    cnt = tl.zeros((NP,), tl.int32)
-                    below = tl.full((NP,), _INT32_MIN, tl.int32)
-                    above = tl.full((NP,), _INT32_MAX, tl.int32)
-                    for start in range(0, NW, BLOCK):
-                        zp = tl.load(ws_row + start + offs)
-                        kb = tl.where(zp == 0.0, 0.0, zp).to(tl.int32, bitcast=True)
-                        key = (kb ^ ((kb >> 31) & 0x7FFFFFFF))[:, None]
-                        ge = key >= q[None, :]
-                        cnt += tl.reduce(ge.to(tl.int32), 0, _csum)
-                        below = tl.maximum(below, tl.reduce(tl.where(ge, _INT32_MIN, key), 0, _cmax))
-                        above = tl.minimum(above, tl.reduce(tl.where(ge, key, _INT32_MAX), 0, _cmin))
-                    pred = ((cnt < k) | (lane == NP - 1)) & (lane > 0)
-                    j = tl.reduce(tl.where(pred, lane, NP), 0, _cmin)
-                    lo = tl.reduce(tl.where(lane == j - 1, above, _INT32_MIN), 0, _cmax).to(tl.int64)
-                    hi = tl.reduce(tl.where(lane == j, below, _INT32_MIN), 0, _cmax).to(tl.int64) + 1
-                    hi = tl.maximum(hi, lo + 1)
-                tau = lo
+                tau = _threshold_search(ws_row, NW, tl.full((), _KEY_NEG_INF, tl.int64), key_max + 1, key_guess,
+                                        zmax, k.to(tl.float32), False, BLOCK, NP, PRECISE)
             # top-p on the top-k-kept set (key >= tau_k): P(t) = H(t) < p * S_k for t > tau_k, with
             # H(t) = sum of exp(z' - max) over key >= t (monotone in t: non-negative terms, fixed order)
             if p < 1.0:
@@ -403,36 +417,8 @@ def _rast_finish_kernel(
                             w = tl.exp(zp - zmax)
                         acc += tl.where(key >= t32, w, 0.0)
                     mass_k = tl.reduce(acc, 0, _csum)
-                thresh = p * mass_k
-                lo = tau
-                hi = key_max + 1
-                npass = tl.zeros((), tl.int32)
-                while hi - lo > 1:
-                    q = tl.where(npass == 0, tl.minimum(tl.maximum(key_guess, lo), hi),
-                                 lo + ((hi - lo) * lane64) // (NP - 1))
-                    q = tl.where(lane == 0, lo, tl.where(lane == NP - 1, hi, q)).to(tl.int32)
-                    npass += 1
-                    h = tl.zeros((NP,), tl.float32)
-                    below = tl.full((NP,), _INT32_MIN, tl.int32)
-                    above = tl.full((NP,), _INT32_MAX, tl.int32)
-                    for start in range(0, NW, BLOCK):
-                        zp = tl.load(ws_row + start + offs)
-                        kb = tl.where(zp == 0.0, 0.0, zp).to(tl.int32, bitcast=True)
-                        key = (kb ^ ((kb >> 31) & 0x7FFFFFFF))[:, None]
-                        if PRECISE:
-                            w = libdevice.exp(zp - zmax)
-                        else:
-                            w = tl.exp(zp - zmax)
-                        ge = key >= q[None, :]
-                        h += tl.reduce(tl.where(ge, w[:, None], 0.0), 0, _csum)
-                        below = tl.maximum(below, tl.reduce(tl.where(ge, _INT32_MIN, key), 0, _cmax))
-                        above = tl.minimum(above, tl.reduce(tl.where(ge, key, _INT32_MAX), 0, _cmin))
-                    pred = ((h < thresh) | (lane == NP - 1)) & (lane > 0)
-                    j = tl.reduce(tl.where(pred, lane, NP), 0, _cmin)
-                    lo = tl.reduce(tl.where(lane == j - 1, above, _INT32_MIN), 0, _cmax).to(tl.int64)
-                    hi = tl.reduce(tl.where(lane == j, below, _INT32_MIN), 0, _cmax).to(tl.int64) + 1
-                    hi = tl.maximum(hi, lo + 1)
-                tau = lo
+                tau = _threshold_search(ws_row, NW, tau, key_max + 1, key_guess, zmax, p * mass_k, True,
+                                        BLOCK, NP, PRECISE)
             # final pass over key >= tau and (min-p) exp(z' - max) >= min_p: race and kept mass;
             # blocks without a kept column are skipped (no Philox for them)
             k0, k1, c1, c2 = _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T, OFF_T)
