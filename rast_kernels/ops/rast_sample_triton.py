@@ -106,9 +106,9 @@ BLOCK2 = 512  # columns per iteration in kernel 2 (times NUM_PIVOTS lanes for th
 
 
 # ----------------------------------------------------------------------------------------------------
-# device code. Small helpers are inlined by hand: under TRITON_INTERPRET=1 every nested @triton.jit
-# call costs milliseconds (the interpreter re-patches triton.language per call), which would dominate
-# the small-shape runs of the test suite. Key of an fp32 value (order-preserving, signed int32 compare):
+# device code. Under TRITON_INTERPRET=1 every nested @triton.jit call costs milliseconds (the interpreter
+# re-patches triton.language per call), so code inside the column loops is inlined by hand and helpers
+# are called once per program (row setup, the threshold searches), which keeps the test suite fast. Key of an fp32 value (order-preserving, signed int32 compare):
 #     b = bits(x == 0 ? +0.0 : x);  key = b ^ ((b >> 31) & 0x7fffffff)
 # (-0.0 is mapped to +0.0 first so that values the spec ties get equal keys).
 # ----------------------------------------------------------------------------------------------------
@@ -144,6 +144,30 @@ def _philox_noise(cols, k0, k1, c1, c2, PRECISE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------- kernel 1: one chunk of a row
+@triton.jit
+def _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
+                TEMP_T: tl.constexpr, TOPK_T: tl.constexpr, TOPP_T: tl.constexpr, MINP_T: tl.constexpr):
+    """The row's (temperature, top_k, top_p, min_p): element ``row`` of a ``[B]`` tensor where the flag is
+    set, else the number given for all rows (floats cast: the interpreter types a tiny float as fp64)."""
+    if TEMP_T:
+        temp = tl.load(temp_ptr + row)
+    else:
+        temp = tl.cast(temp_val, tl.float32)
+    if TOPK_T:
+        k = tl.load(topk_ptr + row)
+    else:
+        k = topk_val
+    if TOPP_T:
+        p = tl.load(topp_ptr + row)
+    else:
+        p = tl.cast(topp_val, tl.float32)
+    if MINP_T:
+        m = tl.load(minp_ptr + row)
+    else:
+        m = tl.cast(minp_val, tl.float32)
+    return temp, k, p, m
+
+
 @triton.jit
 def _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T: tl.constexpr,
                 OFF_T: tl.constexpr):
@@ -186,25 +210,11 @@ def _rast_chunk_kernel(
         alpha = tl.load(alpha_ptr + row)
     else:
         alpha = tl.cast(alpha_val, tl.float32)  # (the interpreter types a tiny float as fp64)
-    if TEMP_T:
-        temp = tl.load(temp_ptr + row)
-    else:
-        temp = tl.cast(temp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
+    temp, k, p, m = _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
+                                TEMP_T, TOPK_T, TOPP_T, MINP_T)
     t_pos = temp > 0.0
     tdiv = tl.where(t_pos, temp, 1.0)
     if FILTER:
-        if TOPK_T:
-            k = tl.load(topk_ptr + row)
-        else:
-            k = topk_val
-        if TOPP_T:
-            p = tl.load(topp_ptr + row)
-        else:
-            p = tl.cast(topp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
-        if MINP_T:
-            m = tl.load(minp_ptr + row)
-        else:
-            m = tl.cast(minp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
         filt = ((k > 0) & (k < V)) | (p < 1.0) | (m > 0.0)
         # the race here only serves rows that finish in kernel 2 without a search
         do_race = t_pos & (filt == 0)
@@ -333,22 +343,8 @@ def _rast_finish_kernel(
 ):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    if TEMP_T:
-        temp = tl.load(temp_ptr + row)
-    else:
-        temp = tl.cast(temp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
-    if TOPK_T:
-        k = tl.load(topk_ptr + row)
-    else:
-        k = topk_val
-    if TOPP_T:
-        p = tl.load(topp_ptr + row)
-    else:
-        p = tl.cast(topp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
-    if MINP_T:
-        m = tl.load(minp_ptr + row)
-    else:
-        m = tl.cast(minp_val, tl.float32)  # (the interpreter types a tiny float as fp64)
+    temp, k, p, m = _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
+                                TEMP_T, TOPK_T, TOPP_T, MINP_T)
     # NaN compares false: "not (x >= 0)" catches it
     bad_param = (((temp >= 0.0) & (temp < _POS_INF)) == 0) | (k < 0) | (((p > 0.0) & (p <= 1.0)) == 0) | \
         (((m >= 0.0) & (m <= 1.0)) == 0)
