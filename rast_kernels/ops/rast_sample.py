@@ -5,7 +5,8 @@ Semantics (the spec every backend is tested against; see :mod:`.rast_sample_refe
 1. Combine in fp32: ``z = base + alpha * (expert - expert_base)`` over columns ``[0, vocab_size)``.
    A ``-inf`` in any of the three inputs at a column masks that column (``-inf - -inf`` is never formed).
 2. ``temperature == 0`` is greedy: the highest ``z`` wins, ties to the lowest id; filters and random
-   numbers are then irrelevant and the logprob is 0. Otherwise ``z' = z / temperature``.
+   numbers are then irrelevant and the logprob is 0. So is a temperature so small that ``max z / T``
+   overflows fp32 (the ``T -> 0`` limit). Otherwise ``z' = z / temperature``.
 3. Filters, in Hugging Face ``generate`` order, each on what the previous one kept:
    top-k (``k <= 0`` or ``k >= vocab_size`` is off) keeps every token with fewer than ``k`` tokens
    strictly above it; top-p (``p >= 1`` is off) keeps every token whose strictly more probable kept
@@ -17,8 +18,9 @@ Semantics (the spec every backend is tested against; see :mod:`.rast_sample_refe
    only (:mod:`.philox`). The same row with the same seed and offset gives the same token whatever else
    is in the batch and whatever the backend.
 5. A row whose combined logits hold NaN or ``+inf``, in which every column is masked, or whose
-   per-row parameter tensor value is out of range gets token ``-1`` and logprob NaN; other rows are
-   unaffected. Argument errors raise ``ValueError``/``TypeError`` naming the argument.
+   per-row parameter tensor value is out of range (``temperature`` negative, NaN or ``+inf``, ``top_k``
+   negative, ``top_p`` outside ``(0, 1]``, ``min_p`` outside ``[0, 1]``) gets token ``-1`` and logprob
+   NaN; other rows are unaffected. Argument errors raise ``ValueError``/``TypeError`` naming the argument.
 """
 from __future__ import annotations
 
