@@ -161,7 +161,7 @@ def find_model_tokenizer(spec, model):
             return None
     try:
         return AutoTokenizer.from_pretrained(source)
-    except Exception:  # noqa: BLE001 - a model without a tokenizer is normal; the caller decides
+    except (OSError, ValueError, KeyError):  # no (usable) tokenizer files there: normal; the caller decides
         return None
 
 
