@@ -212,6 +212,14 @@ def test_bad_input(qwen_engine, qwen_paths, tokenizer):
             RastEngine(*m, tokenizer=tokenizer, devices={"base": "cuda:0"})
     with pytest.raises(ValueError, match=r"max_seq_len"):
         RastEngine(*m, tokenizer=tokenizer, max_seq_len=0, devices=CPU)
+    with pytest.raises(TypeError, match=r"max_batch_size"):
+        RastEngine(*m, tokenizer=tokenizer, max_batch_size=2.5, devices=CPU)
+    with pytest.raises(TypeError, match=r"use_cuda_graph"):
+        RastEngine(*m, tokenizer=tokenizer, use_cuda_graph="yes", devices=CPU)
+    with pytest.raises(ValueError, match=r"attn_implementation"):
+        RastEngine(*m, tokenizer=tokenizer, attn_implementation="flash", devices=CPU)
+    with pytest.raises(ValueError, match=r"dtype"):
+        RastEngine(*m, tokenizer=tokenizer, dtype="int8", devices=CPU)
 
 
 def test_mismatched_tokenizers(qwen_paths, tokenizer):
