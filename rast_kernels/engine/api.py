@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 

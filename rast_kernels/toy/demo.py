@@ -17,38 +17,22 @@ from . import task
 from .train import DEFAULT_OUT, MAX_NEW_TOKENS, row_seed
 
 
-def _engine():
-    """``rast_generate`` if the engine is importable, else ``None``."""
-    try:
-        from ..engine import rast_generate
-    except ImportError:
-        return None
-    return rast_generate
-
-
 def run_rows(prompts, models, rows, *, temperature, top_p, seed):
     """Decode ``prompts`` once per row; returns ``{row name: [completion text]}`` and the decoder used.
 
     ``rows``: ``[(name, base, expert, expert_base, alpha)]`` naming which of ``models`` fill each role;
-    a model alone is the RAST combination with itself at alpha 0 (``z = z_base``). Prompt ``i`` gets
+    ``expert = expert_base = None`` decodes the model alone (the engine's base-alone mode, ``z = z_base``). Prompt ``i`` gets
     the Philox seed ``row_seed(seed, i)`` in every row, as in the training-time table."""
-    gen = _engine()
+    from ..engine import rast_generate
+
     out = {}
     for name, b, e, eb, alpha in rows:
-        if gen is not None:
-            res = gen(prompts, base=models[b], expert=models[e], expert_base=models[eb], alpha=alpha,
-                      temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
-                      tokenizer=models["tokenizer"], seed=[row_seed(seed, i) for i in range(len(prompts))],
-                      max_batch_size=min(len(prompts), 128), max_seq_len=64)
-            out[name] = [r.text for r in res]
-        else:
-            from .tokenizer import decode, encode
-            from .train import generate
-            trio = (models[b], models[e], models[eb])
-            comps = generate(trio, [encode(p) for p in prompts], alpha=alpha, temperature=temperature,
-                             top_p=top_p, seed=seed)
-            out[name] = [decode(c) for c in comps]
-    return out, ("rast_generate" if gen is not None else "toy loop (rast_kernels.toy.train.generate)")
+        res = rast_generate(prompts, base=models[b], expert=models.get(e), expert_base=models.get(eb), alpha=alpha,
+                            temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
+                            tokenizer=models["tokenizer"], seed=[row_seed(seed, i) for i in range(len(prompts))],
+                            max_batch_size=min(len(prompts), 128), max_seq_len=64)
+        out[name] = [r.text for r in res]
+    return out, "rast_generate"
 
 
 def main(argv=None) -> int:
@@ -88,9 +72,9 @@ def main(argv=None) -> int:
     problems = task.heldout_problems(args.problems)
     prompts = [p.prompt for p in problems]
     a = args.alpha
-    rows = [("base", "base", "base", "base", 0.0),
-            ("expert_base", "expert_base", "expert_base", "expert_base", 0.0),
-            ("expert", "expert", "expert", "expert", 0.0),
+    rows = [("base", "base", None, None, 0.0),
+            ("expert_base", "expert_base", None, None, 0.0),
+            ("expert", "expert", None, None, 0.0),
             (f"base + delta (alpha={a:g})", "base", "expert", "expert_base", a)]
     texts, decoder = run_rows(prompts, models, rows, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
