@@ -11,12 +11,13 @@ wall-clock time of the prefill and of every decode step.
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from rast_kernels.engine.loading import cache_kwarg
 
 from baselines import hf_chain_sample, hf_sample
 
@@ -46,12 +47,6 @@ def _new_cache(model) -> DynamicCache:
         return DynamicCache(config=model.config)
     except TypeError:  # transformers versions whose DynamicCache takes no config
         return DynamicCache()
-
-
-def _cache_kwarg(model) -> str:
-    """The forward's cache argument: ``cache`` in newer transformers 5.x, ``past_key_values`` before
-    (the old name still works there but warns)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _sync(device) -> None:
@@ -97,7 +92,7 @@ def _eager_generate(models, sample, prompts, *, max_new_tokens: int, eos_token_i
     device = next(models[0].parameters()).device
     ids, mask = left_pad(prompts, pad_token_id, device)
     caches = [_new_cache(m) for m in models]
-    cache_kw = [_cache_kwarg(m) for m in models]
+    cache_kw = [cache_kwarg(m) for m in models]
     gen = torch.Generator(device=device).manual_seed(seed)
     B = ids.shape[0]
 

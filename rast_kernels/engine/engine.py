@@ -41,7 +41,7 @@ import torch
 from .. import _backends
 from ..ops.rast_sample import _check_param, rast_sample
 from .cache import EngineKVCache
-from .loading import (ROLES, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
+from .loading import (ROLES, cache_kwarg, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
                       load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype)
 from .outputs import GenerationOutput
 
@@ -218,12 +218,10 @@ class RastEngine:
         if n_layers is None:
             raise ValueError(f"{role}: config has no num_hidden_layers")
         params = inspect.signature(model.forward).parameters
-        if "cache" in params:
-            cache_arg = "cache"
-        elif "past_key_values" in params:
-            cache_arg = "past_key_values"
-        else:
-            raise ValueError(f"{role}: {type(model).__name__}.forward takes neither `cache` nor `past_key_values`")
+        try:
+            cache_arg = cache_kwarg(model)
+        except ValueError as exc:
+            raise ValueError(f"{role}: {exc}") from None
         mdtype = next(model.parameters()).dtype
         B, S = self.max_batch_size, self.max_seq_len
         return _Lane(

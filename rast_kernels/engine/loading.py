@@ -1,6 +1,7 @@
 """Loading the three models and their tokenizer, device placement, and the tokenizer compatibility check."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Mapping, Optional
 
@@ -202,3 +203,13 @@ def model_vocab_widths(model) -> tuple[int, int]:
     n_in = emb.weight.shape[0] if emb is not None else model.config.vocab_size
     n_out = head.weight.shape[0] if head is not None and hasattr(head, "weight") else model.config.vocab_size
     return int(n_in), int(n_out)
+
+
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` takes its KV cache under: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier 5.x, where the new name does not exist); ``ValueError`` if neither."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`")

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..engine.loading import cache_kwarg
 from . import task
 from .tokenizer import EOS_ID, PAD_ID, VOCAB, build_tokenizer, decode, encode
 
@@ -136,13 +137,6 @@ def pretrain(model, cfg: TrainConfig, steps: int, lr: float, data_seed: int, log
     return model
 
 
-def _cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever ``forward`` takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def row_seed(seed: int, row: int) -> int:
     """The Philox seed of evaluation row ``row`` under run seed ``seed`` (pass these as ``rast_generate``'s
     per-prompt seed list to reproduce a sampled row exactly)."""
@@ -181,7 +175,7 @@ def generate(models, prompts, *, alpha=1.0, temperature=0.0, top_p=1.0, seed=0, 
         for t in range(max_new_tokens):
             logits = []
             for j, m in enumerate(trio):
-                o = m(input_ids=step_in, use_cache=True, **{_cache_kwarg(m): caches[j]})
+                o = m(input_ids=step_in, use_cache=True, **{cache_kwarg(m): caches[j]})
                 cache = getattr(o, "cache", None)
                 caches[j] = cache if cache is not None else o.past_key_values
                 logits.append(o.logits[:, -1].float())
