@@ -430,9 +430,10 @@ class RastEngine:
         logits = []
         for lane in self.lanes:
             lane.cache.kv_len = kv
-            lane.mask[:b].index_fill_(3, lane.cache.write_pos, 0.0)
             extra = {}
-            if lane.start is not None:
+            if lane.start is None:
+                lane.mask[:b].index_fill_(3, lane.cache.write_pos, 0.0)  # unmask the new token's column
+            else:  # the decode-attention kernel reads these bounds, not the mask
                 lane.end[:b].copy_(lane.cache.write_pos.expand(b)).add_(1)  # the new token's column included
                 extra = dict(rast_start=lane.start[:b], rast_end=lane.end[:b])
             lg = self._forward(lane, input_ids=lane.ids[:b], attention_mask=lane.mask[:b, :, :, :kv],
