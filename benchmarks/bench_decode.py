@@ -4,8 +4,14 @@ For a trio (base, expert, expert base) of random-init models built from the real
 ``benchmarks/configs`` and each batch size, it reports ms per decode token (all rows advance together)
 and tokens/s for
 
-* ``engine``: ``rast_kernels.RastEngine(...).generate`` (CUDA graph on CUDA). Its per-token time is
-  ``(T(N) - T(1)) / (N - 1)`` from two ``generate`` calls with N and 1 new tokens, so the prefill cancels;
+* ``engine``: ``rast_kernels.RastEngine(...).generate`` with its defaults (on CUDA: CUDA graph, the fused
+  decode forward with the decode-attention kernel). Its per-token time is ``(T(N) - T(1)) / (N - 1)`` from two
+  ``generate`` calls with N and 1 new tokens, so the prefill cancels;
+* ``engine_hf_forward``: the same engine with ``fused_decode=False``: transformers' forward at decode, with the
+  decode-attention kernel (``attn_implementation="rast_decode"``);
+* ``engine_sdpa``: ``fused_decode=False, attn_implementation="sdpa"``: transformers' forward with SDPA and a
+  mask over the cache, captured in the same graph (what graph capture alone gives);
+* ``engine_overlap``: the defaults plus ``overlap_models=True`` (the two small models on their own streams);
 * ``peer_loop``: the peer baseline (``peer_loop.py``: eager HF forwards with ``DynamicCache``, the
   HF-style sampler chain, a host sync per token), timed per step;
 * ``base_alone``: the base model alone, (1) through the same engine (``RastEngine(base, None, None)``:
@@ -38,7 +44,14 @@ from common import copy_bandwidth, device_name, run_to_json, sync, utc_now, vers
 from peer_loop import peer_generate, peer_generate_single
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SYSTEMS = ("engine", "peer_loop", "base_alone", "floor")
+SYSTEMS = ("engine", "engine_hf_forward", "engine_sdpa", "engine_overlap", "peer_loop", "base_alone", "floor")
+# engine variants: system -> RastEngine keywords
+ENGINE_VARIANTS = {
+    "engine": {},
+    "engine_hf_forward": dict(fused_decode=False, attn_implementation="rast_decode"),
+    "engine_sdpa": dict(fused_decode=False, attn_implementation="sdpa"),
+    "engine_overlap": dict(overlap_models=True),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,13 +103,13 @@ def make_prompts(B: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 class EngineRunner:
     """Adapter over ``rast_kernels.RastEngine``: builds it once and times ``generate``."""
 
-    def __init__(self, trio, args, max_batch: int, tokenizer):
+    def __init__(self, trio, args, max_batch: int, tokenizer, **engine_kwargs):
         from rast_kernels import RastEngine
 
         self.args = args
         max_seq_len = args.max_seq_len or args.prompt_len + args.new_tokens + 16
         self.engine = RastEngine(*trio, tokenizer=tokenizer, dtype=DTYPES[args.dtype], max_batch_size=max_batch,
-                                 max_seq_len=max_seq_len, use_cuda_graph=not args.no_cuda_graph)
+                                 max_seq_len=max_seq_len, use_cuda_graph=not args.no_cuda_graph, **engine_kwargs)
 
     def time_generate(self, prompts, n: int) -> float:
         sync(self.args.device)
@@ -231,18 +244,18 @@ def run(args, checkpoint=None) -> dict:
         _print_rows([r for r in rows if r["B"] == B])
         finish()
     engine_runs = []
-    if "engine" in args.systems:
-        engine_runs.append(("engine", lambda: trio,
-                            f"RastEngine.generate (use_cuda_graph={not args.no_cuda_graph} requested); "
-                            "(T(N) - T(1)) / (N - 1)"))
+    for system, kwargs in ENGINE_VARIANTS.items():
+        if system in args.systems:
+            engine_runs.append((system, trio, kwargs, f"RastEngine.generate {kwargs or '(defaults)'} "
+                                f"(use_cuda_graph={not args.no_cuda_graph} requested); (T(N) - T(1)) / (N - 1)"))
     if "base_alone" in args.systems:
-        engine_runs.append(("base_alone_engine", lambda: [trio[0], None, None],
+        engine_runs.append(("base_alone_engine", [trio[0], None, None], {},
                             "RastEngine(base, None, None): the base model alone through the same engine"))
     tokenizer = models.placeholder_tokenizer(vocab_size)
-    for system, make_models, note in engine_runs:
+    for system, engine_models, engine_kwargs, note in engine_runs:
         runner, runner_error = None, None
         try:
-            runner = EngineRunner(make_models(), args, max(args.batch), tokenizer)
+            runner = EngineRunner(engine_models, args, max(args.batch), tokenizer, **engine_kwargs)
         except Exception as exc:
             traceback.print_exc()
             runner_error = f"{type(exc).__name__}: {exc}"
@@ -254,6 +267,8 @@ def run(args, checkpoint=None) -> dict:
                 rows.append(_attempt(system, lambda: time_engine(runner, prompts[B], args.new_tokens, args.repeats),
                                      **common(B, args.new_tokens), note=note,
                                      attn_implementation=getattr(runner.engine, "attn_implementation", None),
+                                     fused_decode=getattr(runner.engine, "fused_decode", None),
+                                     overlap_models=getattr(runner.engine, "overlap_models", None),
                                      cuda_graph=getattr(runner.engine, "use_cuda_graph", None)))
             _print_rows([rows[-1]])
             finish()
@@ -282,6 +297,9 @@ def _add_derived(rows: list[dict]) -> None:
         if r.get("e2e_s") and r.get("new_tokens"):  # prompt + first token + decode, all rows
             r["e2e_tokens_per_s"] = B * r["new_tokens"] / r["e2e_s"]
         r["speedup_vs_peer"] = peer / t if t and peer else None
+        alone = ms.get(("base_alone_engine", B))
+        if r["system"].startswith("engine"):  # issue target: RAST within 1.6x of the base alone, same engine
+            r["x_base_alone_engine"] = t / alone if t and alone else None
         r["pct_of_floor"] = 100 * floor / t if t and floor else None
 
 

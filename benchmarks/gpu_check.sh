@@ -16,10 +16,13 @@
 #   install    pip install --no-build-isolation --no-deps --no-index -e .   (CPU + CUDA kernels, sm_90)
 #   tests      pytest on CUDA, tests/engine and tests/ops first (graph-vs-eager, Triton kernels natively),
 #              then the rest; --maxfail=25 so one failure does not hide the others
+#   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1 and 8: the engine (fused decode),
+#              the engine with transformers' forward (decode kernel / SDPA), the peer loop, base alone
+#                                                                    -> decode.json
+#   profile    benchmarks/profile_decode_step.py: sdpa, decode kernel, fused decode -> profile_*.json
 #   sampler    benchmarks/bench_sampler.py, full grid                -> sampler.json, sampler.png
-#   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1 and 8 -> decode.json
-#   profile    benchmarks/profile_decode_step.py (if present)        -> profile_*.json
-#   attention  benchmarks/bench_decode_attention.py (if present)     -> decode_attention.json
+#   attention  benchmarks/bench_decode_attention.py                  -> decode_attention.json
+# The order is the priority: what is still unmeasured comes first, so a run cut by the budget keeps it.
 # Run a subset with GPU_CHECK_STEPS="install sampler" (install is needed for the compiled kernels).
 #
 # Everything lands under $OUT, flat, at most 8 files: gpu_check.log (all output), summary.txt (one line
@@ -35,7 +38,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
-STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests sampler decode profile attention"}
+STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests decode profile sampler attention"}
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -130,21 +133,17 @@ main() {
     # shellcheck disable=SC2046
     # the files that exercise CUDA first, so a run cut by the time limit still covers them
     step tests 150 "$PY" -m pytest tests/engine tests/ops tests $(pytest_args)
+    step decode 180 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 --repeats 2 --peer-new-tokens 48 \
+        --out "$WORK"
+    collect
+    step profile 100 "$PY" benchmarks/profile_decode_step.py --out "$WORK/profile"
+    collect
     local sampler_limit=150
     [ -d /tmp/site/flashinfer ] && sampler_limit=240 # FlashInfer JIT-compiles its sampling module on first use (~1 min)
     step sampler "$sampler_limit" "$PY" benchmarks/bench_sampler.py --full --budget-s 0.2 --out "$WORK"
     collect
-    step decode 180 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 --repeats 2 --peer-new-tokens 48 \
-        --out "$WORK"
+    step attention 60 "$PY" benchmarks/bench_decode_attention.py --out "$WORK"
     collect
-    if [ -f benchmarks/profile_decode_step.py ]; then
-        step profile 100 "$PY" benchmarks/profile_decode_step.py --out "$WORK/profile"
-        collect
-    fi
-    if [ -f benchmarks/bench_decode_attention.py ]; then
-        step attention 60 "$PY" benchmarks/bench_decode_attention.py --out "$WORK"
-        collect
-    fi
     nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv || true
     echo "gpu_check: done after $(($(date +%s) - T0))s"
     echo "---- summary"

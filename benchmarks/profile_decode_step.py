@@ -15,7 +15,10 @@ For each attention implementation in ``--attn``:
 
 Implementations: ``sdpa`` (transformers' SDPA with the 4-D mask over the whole cache, K/V expanded),
 ``rast_decode_maskless`` (our Triton decode kernel, no decode mask; start/end passed as device tensors,
-advanced inside the captured step), ``rast_decode`` (ours, mask still built; bounds passed).
+advanced inside the captured step), ``rast_decode`` (ours, mask still built; bounds passed), ``fused``
+(the engine's own decode forward, :class:`rast_kernels.engine.fused_decode.FusedDecoder`: fused residual-add +
+RMSNorm, rotary + cache write, SiLU-mul and the decode kernel around the models' own linear layers; the
+prompt still goes through transformers with SDPA).
 
 Examples::
 
@@ -41,10 +44,12 @@ from common import copy_bandwidth, device_name, sync, utc_now, versions, write_j
 from rast_kernels import rast_sample
 from rast_kernels.engine.attention import RAST_DECODE, RAST_DECODE_MASKLESS, register_rast_attention
 
-ATTN_CHOICES = ("sdpa", RAST_DECODE_MASKLESS, RAST_DECODE)
+FUSED = "fused"
+ATTN_CHOICES = ("sdpa", RAST_DECODE_MASKLESS, RAST_DECODE, FUSED)
 # coarse kernel categories by name (first match wins); a heuristic to read the profile, not a measurement
 CATEGORIES = (
     ("rast_decode_attention", r"_split_kernel|_combine_kernel"),
+    ("rast_fused_elementwise", r"_add_rms_norm_kernel|_rope_cache_kernel|_silu_mul_kernel"),
     ("rast_sample", r"rast_sample|_rast_"),
     ("gemm", r"gemm|gemv|cutlass|nvjet|cublas|sm\d+_xmma|splitKreduce"),
     ("sdpa_attention", r"flash|fmha|attention|cudnn|sdpa|softmax"),
@@ -61,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-cache-len", type=int, default=4352, help="StaticCache positions per row")
-    p.add_argument("--attn", nargs="+", default=["sdpa", RAST_DECODE_MASKLESS], choices=ATTN_CHOICES)
+    p.add_argument("--attn", nargs="+", default=["sdpa", RAST_DECODE_MASKLESS, FUSED], choices=ATTN_CHOICES)
     p.add_argument("--steps", type=int, default=5, help="profiled eager steps")
     p.add_argument("--timed-steps", type=int, default=20, help="steps timed with CUDA events, eager and graph")
     p.add_argument("--top", type=int, default=25, help="kernels listed in the summary")
@@ -81,6 +86,7 @@ class DecodeState:
         self.pos = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
         self.start = torch.zeros(batch, dtype=torch.int32, device=device)  # no left padding here
         self.end = torch.full((batch,), prompt_len, dtype=torch.int64, device=device)
+        self.col = torch.full((1,), prompt_len - 1, dtype=torch.int64, device=device)  # fused: column written
         self.offset = torch.zeros(batch, dtype=torch.int64, device=device)
 
 
@@ -92,15 +98,28 @@ def prefill(trio, caches, prompt: torch.Tensor) -> list[torch.Tensor]:
                 for m, c in zip(trio, caches)]
 
 
-def make_step(trio, caches, state: DecodeState, attn: str):
-    """One decode step: three forwards on the last token, then rast_sample; host-sync free."""
+def make_step(trio, caches, state: DecodeState, attn: str, kv: int):
+    """One decode step: three forwards on the last token, then rast_sample; host-sync free. ``kv``: the cache
+    columns the fused decoder attends to (the engine's bucket; the other variants attend to the whole cache)."""
     extra = {} if attn == "sdpa" else dict(rast_start=state.start, rast_end=state.end)
+    if attn == FUSED:
+        from types import SimpleNamespace
+
+        from rast_kernels.engine.fused_decode import FusedDecoder
+        decoders = [FusedDecoder(m) for m in trio]
+        views = [SimpleNamespace(layers=c.layers, write_pos=state.col) for c in caches]  # what the decoder reads
+
+    def forwards():
+        if attn == FUSED:
+            state.col.add_(1)
+            return [d(state.tok, state.pos, v, state.start, state.end, kv) for d, v in zip(decoders, views)]
+        return [m(input_ids=state.tok, position_ids=state.pos, past_key_values=c, use_cache=True,
+                  **extra).logits[:, -1] for m, c in zip(trio, caches)]
 
     def step():
         with torch.no_grad():
             state.end.add_(1)  # the new token's slot, written by this step's forwards
-            logits = [m(input_ids=state.tok, position_ids=state.pos, past_key_values=c, use_cache=True,
-                        **extra).logits[:, -1] for m, c in zip(trio, caches)]
+            logits = forwards()
             tok = rast_sample(*logits, alpha=1.0, temperature=1.0, top_p=0.95, seed=0, offset=state.offset)
             state.tok.copy_(tok[:, None])
             state.pos.add_(1)
@@ -199,14 +218,14 @@ def run_variant(attn, trio, args, device, trace_dir) -> dict:
     import transformers
 
     for m in trio:
-        m.set_attn_implementation(attn)
+        m.set_attn_implementation("sdpa" if attn == FUSED else attn)
     caches = [transformers.StaticCache(config=m.config, max_cache_len=args.max_cache_len) for m in trio]
     vocab = min(m.config.vocab_size for m in trio)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=gen).to(device)
     state = DecodeState(args.batch, args.prompt_len, device)
     prefill(trio, caches, prompt)
-    step = make_step(trio, caches, state, attn)
+    step = make_step(trio, caches, state, attn, args.kv)
     on_gpu = device.type == "cuda"
     first_tokens = []
     for _ in range(3):  # compile the Triton kernels, settle the allocator; keep the tokens as a sanity check
@@ -254,6 +273,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     register_rast_attention()
+    args.kv = min(args.max_cache_len, 1 << (steps_needed - 1).bit_length())  # the engine's attended-length bucket
     trio, names = models.build_trio(None if args.smoke_cpu else args.trio, device, dtype)
     summary = dict(
         benchmark="profile_decode_step",

@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     eng.add_argument("--max-batch-size", type=int, default=8)
     eng.add_argument("--max-seq-len", type=int, default=2048)
     eng.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
+    eng.add_argument("--no-fused-decode", action="store_true",
+                     help="decode through transformers' forward instead of the engine's fused forward (CUDA)")
+    eng.add_argument("--overlap-models", action="store_true",
+                     help="run the two small models on their own CUDA streams (CUDA, one device)")
     gen = ap.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--prompt-file", help="a file with one prompt per line")
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     engine = RastEngine(args.base, args.expert, args.expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
                         devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                        use_cuda_graph=not args.no_cuda_graph)
+                        use_cuda_graph=not args.no_cuda_graph, fused_decode=False if args.no_fused_decode else None,
+                        overlap_models=args.overlap_models)
     print(f"[{engine!r} ready in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     kw = dict(alpha=args.alpha, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)

@@ -36,3 +36,28 @@ def has_cpp_cpu() -> bool:
 def has_cpp_cuda() -> bool:
     mod = cpp_module()
     return mod is not None and bool(getattr(mod, "WITH_CUDA", False))
+
+
+TRITON_OR_TORCH = ("auto", "triton", "torch")
+
+
+def require_triton(device) -> None:
+    """Raise ``ValueError`` (naming ``backend``) when Triton kernels cannot run on tensors on ``device``."""
+    if not has_triton():
+        raise ValueError("backend: 'triton' requested but Triton is not importable")
+    if device.type == "cpu" and not triton_interpreting():
+        raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend: 'triton' runs on CUDA (or CPU under the interpreter), the tensors are on {device}")
+
+
+def resolve_triton_or_torch(backend, device) -> str:
+    """The backend of an op with a Triton kernel and a PyTorch reference: ``"auto"`` is the kernel on CUDA
+    and the reference elsewhere; ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if backend not in TRITON_OR_TORCH:
+        raise ValueError(f"backend: must be one of {TRITON_OR_TORCH}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton() else "torch"
+    if backend == "triton":
+        require_triton(device)
+    return backend

@@ -79,7 +79,10 @@ def test_bench_decode_tiny(tmp_path, bench_modules, capsys):
     result = json.loads((out / "decode.json").read_text())
     assert {"device", "versions", "weight_GB", "copy_bandwidth_GBps", "models"} <= set(result["meta"])
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"engine", "peer_loop", "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone"}
+    assert set(rows) == {"engine", "engine_hf_forward", "engine_sdpa", "engine_overlap", "peer_loop",
+                         "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone"}
+    assert rows["engine_hf_forward"]["fused_decode"] is False and rows["engine_sdpa"]["attn_implementation"] == "sdpa"
+    assert rows["engine"]["x_base_alone_engine"] > 0
     for name, row in rows.items():
         assert row.get("error") is None, (name, row.get("error"))
         assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0

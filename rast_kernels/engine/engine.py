@@ -41,8 +41,10 @@ import torch
 from .. import _backends
 from ..ops.rast_sample import _check_param, rast_sample
 from .cache import EngineKVCache
+from .fused_decode import FusedDecoder, unsupported_reason
 from .loading import (ROLES, cache_kwarg, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
-                      load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype)
+                      load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype,
+                      set_attn_implementation)
 from .outputs import GenerationOutput
 
 # per-row finish codes held on the device
@@ -75,8 +77,9 @@ class _Lane:
     mask: torch.Tensor    # [max_batch, 1, 1, max_seq_len] additive mask (model dtype) for decode
     cache_arg: str        # "cache" (transformers >= 5.2x) or "past_key_values"
     logits_to_keep: bool  # forward accepts logits_to_keep
-    start: Optional[torch.Tensor] = None  # [max_batch] int64 first valid cache column ("rast_decode" only)
+    start: Optional[torch.Tensor] = None  # [max_batch] int64 first valid cache column (bounds mode only)
     end: Optional[torch.Tensor] = None    # [max_batch] int64 one past the last valid column
+    decoder: Optional[FusedDecoder] = None  # the engine's own decode forward (fused_decode), else transformers'
 
 
 class _State:
@@ -137,12 +140,27 @@ class RastEngine:
         pass ``"sdpa"`` to turn the decode-attention kernel off. The engine passes 4-D
         additive masks; with ``"rast_decode"`` decode steps run :mod:`rast_kernels.engine.attention`'s
         kernel over each row's valid cache range (prompts still use SDPA).
+    fused_decode : bool or None
+        Decode steps through :class:`~rast_kernels.engine.fused_decode.FusedDecoder` (the models' own
+        weights, fused residual-add + RMSNorm, rotary + cache write, SiLU-mul and the decode-attention kernel:
+        about a third of transformers' kernel launches) instead of the models' ``forward``. ``None``
+        (default): on when the base model is on CUDA, Triton is importable and every model is a supported
+        family (Llama, Qwen2, Mistral); ``True`` requires it (``ValueError`` naming an unsupported model; on
+        CPU it runs the same math with PyTorch ops); ``False``: transformers' forward with
+        ``attn_implementation``. Prompts always go through transformers' forward.
+    overlap_models : bool
+        Run the expert's and the expert base's decode forwards on their own CUDA streams, concurrently with
+        the base model's (the small models' many short kernels can then hide under the base model's
+        weight reads); the graph captures the three branches and joins them before the sampler. Same
+        kernels, same tokens. CUDA with all models on one device only; ignored otherwise. Default off
+        until measured (``benchmarks/bench_decode.py`` times it as ``engine_overlap``).
     """
 
 
     def __init__(self, base, expert, expert_base, *, tokenizer=None, dtype=None, devices=None,
                  max_batch_size: int = 8, max_seq_len: int = 4096, use_cuda_graph: bool = True,
-                 attn_implementation: Optional[str] = None):
+                 attn_implementation: Optional[str] = None, fused_decode: Optional[bool] = None,
+                 overlap_models: bool = False):
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -150,8 +168,10 @@ class RastEngine:
                 raise ValueError(f"{name}: must be >= 1, got {v}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len: must be >= 2 (one prompt token and one new token), got {max_seq_len}")
-        if not isinstance(use_cuda_graph, bool):
-            raise TypeError(f"use_cuda_graph: expected a bool, got {type(use_cuda_graph).__name__}")
+        for name, v, none_ok in (("use_cuda_graph", use_cuda_graph, False), ("fused_decode", fused_decode, True),
+                                 ("overlap_models", overlap_models, False)):
+            if not isinstance(v, bool) and not (none_ok and v is None):
+                raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
         self.max_batch_size = int(max_batch_size)
         self.max_seq_len = int(max_seq_len)
         self.devices = resolve_devices(devices)
@@ -190,12 +210,25 @@ class RastEngine:
                                  f"tokenizer's {self.vocab_size} tokens")
         self._default_eos = self._model_eos_ids()
 
+        reasons = {role: unsupported_reason(self.models[role]) for role in self.roles}
+        if fused_decode is None:
+            fused_decode = self.device.type == "cuda" and _backends.has_triton() and \
+                not any(reasons.values())
+        elif fused_decode:
+            for role, why in reasons.items():
+                if why is not None:
+                    raise ValueError(f"{role}: fused_decode=True does not support this model: {why}")
+        self.fused_decode = fused_decode
         # the decode-attention kernel reads each row's valid cache range instead of the mask
-        self._bounds = attn_implementation == "rast_decode"
+        self._bounds = attn_implementation == "rast_decode" or fused_decode
         self.lanes = [self._make_lane(role) for role in self.roles]
         self.state = _State(self.max_batch_size, self.max_seq_len, self.device)
         one_device = len({lane.device for lane in self.lanes}) == 1
         self.use_cuda_graph = bool(use_cuda_graph and self.device.type == "cuda" and one_device)
+        # lane i > 0 runs on its own stream (None: the current stream)
+        overlap = overlap_models and self.device.type == "cuda" and one_device and len(self.lanes) > 1
+        self.overlap_models = overlap
+        self._streams = [None] + [torch.cuda.Stream(self.device) if overlap else None for _ in self.lanes[1:]]
         # pad batches to graph buckets only when graphs are used (eager runs exactly the rows it has);
         # tests may set it to exercise inert padding rows on CPU
         self.pad_to_buckets = self.use_cuda_graph
@@ -232,7 +265,8 @@ class RastEngine:
             mask=torch.zeros(B, 1, 1, S, dtype=mdtype, device=dev),
             cache_arg=cache_arg, logits_to_keep="logits_to_keep" in params,
             start=torch.zeros(B, dtype=torch.int64, device=dev) if self._bounds else None,
-            end=torch.zeros(B, dtype=torch.int64, device=dev) if self._bounds else None)
+            end=torch.zeros(B, dtype=torch.int64, device=dev) if self._bounds else None,
+            decoder=FusedDecoder(model) if self.fused_decode else None)
 
     def _model_eos_ids(self) -> list:
         ids = []
@@ -428,18 +462,34 @@ class RastEngine:
         """One lockstep decode step for the first ``b`` rows attending to cache columns ``[0, kv)``
         (the function the CUDA graphs capture, one per ``(b, kv)``)."""
         logits = []
-        for lane in self.lanes:
-            lane.cache.kv_len = kv
-            extra = {}
-            if lane.start is None:
-                lane.mask[:b].index_fill_(3, lane.cache.write_pos, 0.0)  # unmask the new token's column
-            else:  # the decode-attention kernel reads these bounds, not the mask
-                lane.end[:b].copy_(lane.cache.write_pos.expand(b)).add_(1)  # the new token's column included
-                extra = dict(rast_start=lane.start[:b], rast_end=lane.end[:b])
+        main = torch.cuda.current_stream(self.device) if self.overlap_models else None
+        for lane, stream in zip(self.lanes, self._streams):
+            if stream is None:
+                logits.append(self._lane_step(lane, b, kv))
+            else:  # fork: the side stream sees this step's inputs (written on the main stream) first
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    logits.append(self._lane_step(lane, b, kv))
+        for stream in self._streams:
+            if stream is not None:
+                main.wait_stream(stream)  # join before the sampler reads the logits
+        self._sample_and_update(b, *_three(logits))
+
+    def _lane_step(self, lane: _Lane, b: int, kv: int) -> torch.Tensor:
+        """One model's decode forward for the first ``b`` rows: ``[b, V]`` logits on the sampling device."""
+        lane.cache.kv_len = kv
+        extra = {}
+        if lane.start is None:
+            lane.mask[:b].index_fill_(3, lane.cache.write_pos, 0.0)  # unmask the new token's column
+        else:  # the decode-attention kernel reads these bounds, not the mask
+            lane.end[:b].copy_(lane.cache.write_pos.expand(b)).add_(1)  # the new token's column included
+            extra = dict(rast_start=lane.start[:b], rast_end=lane.end[:b])
+        if lane.decoder is not None:
+            lg = lane.decoder(lane.ids[:b], lane.pos[:b], lane.cache, lane.start[:b], lane.end[:b], kv)
+        else:
             lg = self._forward(lane, input_ids=lane.ids[:b], attention_mask=lane.mask[:b, :, :, :kv],
                                position_ids=lane.pos[:b], **extra)
-            logits.append(lg.to(self.device, non_blocking=True))
-        self._sample_and_update(b, *_three(logits))
+        return lg.to(self.device, non_blocking=True)
 
     def _ensure_graph(self, b: int, kv: int):
         """Capture the decode step for batch bucket ``b`` and attended length ``kv`` (once): a throw-away
@@ -514,6 +564,8 @@ class RastEngine:
         stops = settings["stop"]
         eos_ids = set(settings["eos"])
         kv = self._kv_bucket(max(len(r) for r in rows) + max_steps)
+        for lane in self.lanes:  # another engine sharing a model object may have switched its attention
+            set_attn_implementation(lane.model, self.attn_implementation)
         graph = self._ensure_graph(b, kv) if self.use_cuda_graph else None
         self._prefill(b, rows, settings, seeds)
         host_tokens = [[] for _ in range(n)]
@@ -721,7 +773,8 @@ class RastEngine:
         names = {r: type(m).__name__ for r, m in self.models.items()}
         return (f"RastEngine({names}, devices={ {r: str(d) for r, d in self.devices.items()} }, "
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
-                f"use_cuda_graph={self.use_cuda_graph})")
+                f"use_cuda_graph={self.use_cuda_graph}, fused_decode={self.fused_decode}, "
+                f"overlap_models={self.overlap_models})")
 
 
 _GEN_DEFAULTS = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=256, stop=None,

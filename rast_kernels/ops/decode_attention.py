@@ -29,7 +29,6 @@ from .. import _backends
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_BACKENDS = ("auto", "triton", "torch")
 _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64
 _LOG2E = 1.4426950408889634
@@ -285,21 +284,6 @@ def _check_inputs(q, k_cache, v_cache, start, end):
             raise ValueError(f"{name}: on {t.device}, q is on {q.device}")
 
 
-def _resolve_backend(backend, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _backends.has_triton() else "torch"
-    if backend == "triton":
-        if not _backends.has_triton():
-            raise ValueError("backend: 'triton' requested but Triton is not importable")
-        if device.type == "cpu" and not _backends.triton_interpreting():
-            raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend: 'triton' runs on CUDA (or CPU under the interpreter), q is on {device}")
-    return backend
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -365,7 +349,7 @@ def decode_attention(
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out: expected a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    backend = _resolve_backend(backend, q.device)
+    backend = _backends.resolve_triton_or_torch(backend, q.device)
 
     if backend == "torch":
         res = decode_attention_reference(q, k_cache, v_cache, start, end, scale)

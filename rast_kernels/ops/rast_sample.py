@@ -224,10 +224,7 @@ def _resolve_backend(backend, device: torch.device) -> str:
             return "cpp"
         return "torch"
     if backend == "triton":
-        if not _backends.has_triton():
-            raise ValueError("backend: 'triton' requested but Triton is not importable")
-        if device.type == "cpu" and not _backends.triton_interpreting():
-            raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported")
+        _backends.require_triton(device)
     if backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend: 'cpp' runs on CPU tensors, the logits are on {device}")

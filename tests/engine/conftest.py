@@ -30,7 +30,8 @@ def make_tokenizer(extra_corpus=()):
 
 
 def make_model(family: str, vocab: int, seed: int, **over):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     kw = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -45,6 +46,8 @@ def make_model(family: str, vocab: int, seed: int, **over):
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif family == "mistral":  # head_dim 16 != hidden / heads: the head width is the config's, not derived
+        model = MistralForCausalLM(MistralConfig(**{"sliding_window": None, "head_dim": 16, **kw}))
     else:
         raise ValueError(family)
     return model.eval()

@@ -26,11 +26,13 @@ def _pair(family, dtype, tokenizer, **kw):
     return graph, eager
 
 
-@pytest.mark.parametrize("family,dtype,attn", [("qwen2", torch.float32, "sdpa"), ("qwen2", torch.bfloat16, "sdpa"),
-                                               ("llama", torch.bfloat16, "sdpa"),
-                                               ("qwen2", torch.bfloat16, "rast_decode")])
-def test_graph_equals_eager(family, dtype, attn, tokenizer):
-    graph, eager = _pair(family, dtype, tokenizer, attn_implementation=attn)
+@pytest.mark.parametrize("family,dtype,attn,fused", [
+    ("qwen2", torch.float32, "sdpa", False), ("qwen2", torch.bfloat16, "sdpa", False),
+    ("qwen2", torch.bfloat16, "rast_decode", False),
+    ("qwen2", torch.bfloat16, "rast_decode", True), ("llama", torch.bfloat16, "rast_decode", True),
+    ("llama", torch.float32, "rast_decode", True)])
+def test_graph_equals_eager(family, dtype, attn, fused, tokenizer):
+    graph, eager = _pair(family, dtype, tokenizer, attn_implementation=attn, fused_decode=fused)
     settings = [
         dict(temperature=0.0, max_new_tokens=24, eos_token_id=[]),
         dict(temperature=1.0, top_p=0.9, max_new_tokens=40, seed=3, eos_token_id=[]),
@@ -48,10 +50,11 @@ def test_graph_equals_eager(family, dtype, attn, tokenizer):
     assert {key[0] for key in graph._graphs} == {1, 4, 8}  # (batch bucket, attended length)
 
 
-def test_decode_step_has_no_host_sync(tokenizer):
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_step_has_no_host_sync(fused, tokenizer):
     """The step the graphs capture must not read anything back to the host."""
     models = _models("qwen2", torch.bfloat16)
-    eng = RastEngine(*models, tokenizer=tokenizer, max_seq_len=64, use_cuda_graph=False)
+    eng = RastEngine(*models, tokenizer=tokenizer, max_seq_len=64, use_cuda_graph=False, fused_decode=fused)
     settings = eng._sampling_settings(2, 1.0, 1.0, 0, 0.9, 0.0, 8, None, [], 0, False)
     with torch.no_grad():
         eng._prefill(2, [[3, 4, 5], [6]], settings, settings["seeds"])
@@ -64,10 +67,11 @@ def test_decode_step_has_no_host_sync(tokenizer):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def test_cuda_greedy_matches_oracle(tokenizer):
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_greedy_matches_oracle(fused, tokenizer):
     models = _models("qwen2", torch.float32)
-    eng = RastEngine(*models, tokenizer=tokenizer, max_seq_len=64, dtype=torch.float32)
-    assert eng.use_cuda_graph
+    eng = RastEngine(*models, tokenizer=tokenizer, max_seq_len=64, dtype=torch.float32, fused_decode=fused)
+    assert eng.use_cuda_graph and eng.fused_decode is fused
     outs = eng.generate(PROMPTS, alpha=0.5, temperature=0.0, max_new_tokens=10, eos_token_id=[])
     V = len(tokenizer)
     for p, o in zip(PROMPTS, outs):
@@ -81,11 +85,34 @@ def test_cuda_greedy_matches_oracle(tokenizer):
                 seq.append(t)
 
 
-def test_rast_decode_attention_matches_sdpa_cuda(tokenizer):
-    """The decode-attention kernel inside the captured step gives SDPA's tokens (fp32, greedy)."""
+@pytest.mark.parametrize("attn,fused", [("rast_decode", False), ("rast_decode", True)])
+def test_decode_kernels_match_sdpa_cuda(attn, fused, tokenizer):
+    """The decode-attention kernel (through transformers' forward, or inside the fused decoder with the fused
+    RMSNorm/rotary/SiLU kernels) in the captured step gives transformers-with-SDPA's tokens (fp32, greedy)."""
     models = _models("llama", torch.float32)
     kw = dict(alpha=0.7, temperature=0.0, max_new_tokens=16, eos_token_id=[])
-    ref = RastEngine(*models, tokenizer=tokenizer, max_seq_len=96, dtype=torch.float32).generate(PROMPTS, **kw)
+    ref = RastEngine(*models, tokenizer=tokenizer, max_seq_len=96, dtype=torch.float32, attn_implementation="sdpa",
+                     fused_decode=False).generate(PROMPTS, **kw)
     got = RastEngine(*models, tokenizer=tokenizer, max_seq_len=96, dtype=torch.float32,
-                     attn_implementation="rast_decode").generate(PROMPTS, **kw)
+                     attn_implementation=attn, fused_decode=fused).generate(PROMPTS, **kw)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_fused_decode_is_the_cuda_default(tokenizer):
+    eng = RastEngine(*_models("qwen2", torch.bfloat16), tokenizer=tokenizer, max_seq_len=64)
+    assert eng.fused_decode and eng.attn_implementation == "rast_decode"
+
+
+def test_overlapped_models_give_the_same_tokens(tokenizer):
+    """overlap_models: the expert and expert-base forwards on their own streams (forked and joined inside the
+    captured graph, and eagerly): the same tokens as the one-stream step."""
+    models = _models("qwen2", torch.bfloat16)
+    kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=40, seed=3, eos_token_id=[], return_logprobs=True)
+    ref = RastEngine(*models, tokenizer=tokenizer, max_seq_len=128).generate(PROMPTS, **kw)
+    for graph in (True, False):
+        eng = RastEngine(*models, tokenizer=tokenizer, max_seq_len=128, use_cuda_graph=graph, overlap_models=True)
+        assert eng.overlap_models and eng.use_cuda_graph is graph
+        got = eng.generate(PROMPTS, **kw)
+        assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+        for a, b in zip(got, ref):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

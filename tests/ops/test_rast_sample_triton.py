@@ -2,9 +2,6 @@
 bad rows, workspace). On CPU-only machines they run under TRITON_INTERPRET=1 with small shapes."""
 import math
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ import torch
 if not torch.cuda.is_available():  # must be set before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sm90  # noqa: E402  (tests/ops/sm90.py)
 from rast_kernels import _backends, rast_sample  # noqa: E402
 from rast_kernels.ops import philox  # noqa: E402
 from rast_kernels.ops.rast_sample import SamplingParams  # noqa: E402
@@ -255,64 +253,8 @@ def test_launch_config():
         launch_config(1, 100, chunk=48)
 
 
-# Compiles the GPU kernels for sm_90 in a fresh process (without the interpreter): frontend, LLVM and
-# ptxas run on the CPU, so type errors of the compiled path and the arithmetic the PTX uses are checked
-# on machines without a GPU.
-_COMPILE_SCRIPT = r"""
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP: no ahead-of-time compiler API", e)
-    raise SystemExit(0)
-import rast_kernels.ops.rast_sample_triton as m
-
-P = "*fp32"
-SIG1 = dict(base_ptr="*bf16", expert_ptr="*fp32", ebase_ptr="*fp16", stride_b="i32", stride_e="i32",
-            stride_eb="i32", alpha_ptr=P, alpha_val="fp32", temp_ptr=P, temp_val="fp32", topk_ptr="*i64",
-            topk_val="i32", topp_ptr=P, topp_val="fp32", minp_ptr=P, minp_val="fp32", seed_ptr="*i64",
-            seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=P, fstat_ptr=P,
-            istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32")
-SIG2 = dict(ws_ptr=P, fstat_ptr=P, istat_ptr="*i32", tok_ptr="*i64", lp_ptr=P, temp_ptr=P, temp_val="fp32",
-            topk_ptr="*i64", topk_val="i32", topp_ptr=P, topp_val="fp32", minp_ptr=P, minp_val="fp32",
-            seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
-            V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
-
-
-def compile_ptx(fn, sig, consts, num_warps):
-    sig = dict(sig, **{k: "constexpr" for k in consts})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, enable_fp_fusion=False))
-    return kernel.asm["ptx"]
-
-
-for t in (False, True):
-    flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=t, OFF_T=t, FILTER=t, PRECISE=True)
-    ptx1 = compile_ptx(m._rast_chunk_kernel, SIG1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, **flags), 4)
-    ptx2 = compile_ptx(m._rast_finish_kernel, SIG2, dict(NCP2=512, BLOCK=512, NP=16, WRITE_LP=True, **flags), 8)
-    assert "div.rn.f32" in ptx1 and "div.full.f32" not in ptx1, "z / T must be the IEEE division"
-    for ptx in (ptx1, ptx2):
-        assert "lg2.approx.f32" not in ptx, "log must be libdevice's logf, not the approximate lg2"
-    assert "mul.hi.u32" in ptx1, "Philox must use 32-bit umulhi"
-ptx = compile_ptx(m._noise_debug_kernel, dict(seed_ptr="*i64", off_ptr="*i64", col_ptr="*i64",
-                  words_ptr="*i64", exp_ptr=P, NCOL="i32"), dict(BLOCK=256, PRECISE=True), 4)
-print("COMPILED")
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The compiled (non-interpreter) path: both kernels, with and without filters/tensor parameters,
-    build for an H100 target; z / T is IEEE division, log is libdevice's, Philox uses umulhi."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=600)
-    if "SKIP:" in r.stdout:
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-4000:]
+    build for an H100 target; z / T is IEEE division, log is libdevice's, Philox uses umulhi (tests/ops/sm90.py)."""
+    sm90.compiled("rast_sample")

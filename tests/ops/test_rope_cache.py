@@ -1,0 +1,330 @@
+"""rope_cache_write: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against rope_cache_write_reference."""
+import importlib
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must be set before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sm90  # noqa: E402  (tests/ops/sm90.py)
+from rast_kernels import _backends  # noqa: E402
+from rast_kernels.ops.rope_cache import rope_cache_write, rope_cache_write_reference  # noqa: E402
+
+# the op's module (for silu_mul, the package attribute of that name is the function, not the module)
+mod = importlib.import_module("rast_kernels.ops.rope_cache")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = DEVICE == "cpu"
+needs_triton = pytest.mark.skipif(
+    not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
+    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU",
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+# Each output element is round(round(x1 * c) -/+ round(x2 * s)), every rounding to the dtype, as PyTorch's
+# `q * cos + rotate_half(q) * sin` rounds it; a product of two 16-bit floats is exact in fp32. So the kernel is
+# bit-identical to the reference (same bits, signed zeros included) where its conversions round as PyTorch's:
+# - under the interpreter for float32 and float16. Its float32 -> bfloat16 conversion truncates instead of
+#   rounding to nearest even, so for bfloat16 each of the three roundings may differ by one ulp: the products
+#   by up to eps * |x| each (|cos|, |sin| <= 1), the sum by one ulp of itself. The products' error is absolute
+#   (the difference of two products can cancel), hence atol = 2 * eps * max|x| and rtol = 2 * eps.
+# - on CUDA for float16 and bfloat16 (cvt.rn rounds to nearest). In float32 the compiler may fuse one product
+#   into the add (FMA): that product is then not rounded, an error of at most half an ulp of it, same bound.
+EXACT = {torch.float32, torch.float16} if INTERPRETED else {torch.float16, torch.bfloat16}
+
+
+def bitwise_equal(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(_INT[a.dtype]), b.view(_INT[b.dtype]))
+
+
+def assert_rotated(got, want, x):
+    """got == want (rotations of x) bit for bit, or within the bound above where the conversions differ."""
+    if got.dtype in EXACT:
+        assert bitwise_equal(got, want), (got.float() - want.float()).abs().max()
+    else:
+        eps = torch.finfo(got.dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * eps,
+                                   atol=2 * eps * x.float().abs().max().item())
+
+
+def _gen(*key):
+    """A generator with a seed of its own for each case (a fresh one per parameter set, reproducible)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def rotary(batch, dim, dtype, g):
+    """cos/sin [B, D] as transformers' rotary embedding builds them: cat(freqs, freqs) at a position per row."""
+    pos = torch.randint(0, 4096, (batch, 1), generator=g).double()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    ang = torch.cat((pos * inv_freq, pos * inv_freq), dim=-1)
+    return ang.cos().to(dtype).to(DEVICE), ang.sin().to(dtype).to(DEVICE)
+
+
+def make_inputs(batch, h_q, h_kv, s_max, dim, dtype, g):
+    q = torch.randn(batch, h_q, dim, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(batch, h_kv, dim, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(batch, h_kv, dim, generator=g).to(dtype).to(DEVICE)
+    cos, sin = rotary(batch, dim, dtype, g)
+    # the caches' old contents: random, so that any write to a wrong slot shows
+    k_cache = torch.randn(batch, h_kv, s_max, dim, generator=g).to(dtype).to(DEVICE)
+    v_cache = torch.randn(batch, h_kv, s_max, dim, generator=g).to(dtype).to(DEVICE)
+    return q, k, v, cos, sin, k_cache, v_cache
+
+
+def written(batch, s_max, col):
+    """[B, S_max] bool: the slots (row b, column col[b]) that the op writes."""
+    cols = col.to(device="cpu", dtype=torch.int64).expand(batch)
+    hit = torch.zeros(batch, s_max, dtype=torch.bool)
+    hit[torch.arange(batch), cols] = True
+    return hit.to(DEVICE)
+
+
+def check(q, k, v, cos, sin, k_cache, v_cache, col, cache_bases=None):
+    """Run the kernel and the reference on copies of the caches; compare q and the written slots, and check that
+    nothing else changed: the inputs, and the caches but the written slots (or, when the caches are views, the
+    whole ``cache_bases`` they are views of)."""
+    bases = cache_bases or (k_cache, v_cache)
+    assert all(base.is_contiguous() for base in bases)
+    old = [base.clone() for base in bases]
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    inputs = [t.clone() for t in (q, k, v, cos, sin, col)]
+    got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col, backend="triton")
+    want = rope_cache_write_reference(q, k, v, cos, sin, want_kc, want_vc, col)
+    assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous() and got.data_ptr() != q.data_ptr()
+    assert all(bitwise_equal(a, b) for a, b in zip(inputs[:5], (q, k, v, cos, sin))) and torch.equal(inputs[5], col)
+    assert_rotated(got, want, q)
+    hit = written(q.shape[0], k_cache.shape[2], col)
+    # [B, S, H_kv, D][hit] -> the written slots [n, H_kv, D], in row order
+    assert_rotated(k_cache.transpose(1, 2)[hit], want_kc.transpose(1, 2)[hit], k)
+    assert bitwise_equal(v_cache.transpose(1, 2)[hit], want_vc.transpose(1, 2)[hit])
+    assert bitwise_equal(v_cache.transpose(1, 2)[hit], v)  # a copy: exact in every dtype
+    for base, before, cache in zip(bases, old, (k_cache, v_cache)):
+        mark = torch.zeros(base.shape, dtype=torch.bool, device=DEVICE)  # base's strides: it is contiguous
+        mark.as_strided(cache.shape, cache.stride(), cache.storage_offset() - base.storage_offset()) \
+            .transpose(1, 2)[hit] = True
+        assert mark.sum() == hit.sum() * cache.shape[1] * cache.shape[3]
+        assert bitwise_equal(base[~mark], before[~mark]), "a slot that is not addressed changed"
+    return got
+
+
+# (batch, h_q, h_kv, dim, s_max, col): GQA ratios 1, 2, 7 with odd head counts; head dims 64, 128, 80 (half 40: a padded
+# block) and 2 (a one-element half); batch 1 and several rows; the first and last column; per-row columns ([B])
+# that differ, one column for all rows ([1]).
+CASES = [
+    (3, 3, 3, 64, 9, [0, 8, 4]),
+    (2, 6, 3, 128, 5, [3]),
+    (1, 7, 1, 80, 7, [6]),
+    (2, 21, 3, 2, 4, [1, 3]),
+    (4, 2, 1, 64, 33, [32, 0, 17, 5]),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,h_q,h_kv,dim,s_max,cols", CASES)
+def test_matches_reference(dtype, batch, h_q, h_kv, dim, s_max, cols):
+    args = make_inputs(batch, h_q, h_kv, s_max, dim, dtype, _gen(dtype, batch, h_q, h_kv, dim, s_max, cols))
+    check(*args, torch.tensor(cols, device=DEVICE))
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["int64 [B]", "int32 [B]", "int32 [1]", "[1] expanded to [B]", "offset slice"])
+def test_col_forms(form):
+    col = {
+        "int64 [B]": lambda: torch.tensor([2, 0, 4], device=DEVICE),
+        "int32 [B]": lambda: torch.tensor([4, 1, 3], dtype=torch.int32, device=DEVICE),
+        "int32 [1]": lambda: torch.tensor([2], dtype=torch.int32, device=DEVICE),
+        # one column for every row as an engine holds it: stride 0
+        "[1] expanded to [B]": lambda: torch.tensor([5], device=DEVICE).expand(3),
+        "offset slice": lambda: torch.tensor([9, 3, 0, 1, 7], device=DEVICE)[1:4],
+    }[form]()
+    args = make_inputs(3, 4, 2, 6, 64, torch.float16, _gen("col", form))
+    check(*args, col)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs_and_caches(dtype):
+    # every input and cache a view with strides of its own: q a slice of a fused qkv projection, k every other
+    # head of another, v every third row; cos a half of one [B, 2D] table, sin a window of a wider one; k_cache
+    # every other head and a column window of a bigger cache, v_cache a [B, S, H, D] cache transposed (so the
+    # caches' column strides differ too). Writes must land in the views only.
+    batch, h_q, h_kv, s_max, dim = 3, 6, 2, 7, 80
+    g = _gen("strided", dtype)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q = rand(batch, h_q + 2 * h_kv, dim)[:, :h_q]
+    k = rand(batch, 2 * h_kv, dim)[:, 1::2]
+    v = rand(3 * batch, h_kv, dim)[::3]
+    cos, sin = rotary(batch, dim, dtype, g)
+    cos = torch.cat((cos, sin), dim=-1)[:, :dim]
+    sin = torch.cat((rand(batch, 3), sin, rand(batch, 2)), dim=-1)[:, 3:3 + dim]
+    big_k = rand(batch, 2 * h_kv, s_max + 5, dim)
+    big_v = rand(batch, s_max + 2, h_kv + 1, dim)
+    k_cache, v_cache = big_k[:, 1::2, 3:3 + s_max], big_v[:, :s_max, 1:].transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, cos, sin, k_cache, v_cache))
+    assert len({t.stride(0) for t in (q, k, v)}) == 3 and len({t.stride(1) for t in (q, k, v)}) == 2
+    assert cos.stride(0) != sin.stride(0) and k_cache.stride()[1:3] != v_cache.stride()[1:3]
+    check(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([0, 6, 2], device=DEVICE), cache_bases=(big_k, big_v))
+
+
+@needs_triton
+def test_repeated_steps_fill_the_cache():
+    # a decode loop: step t writes column t of every row; the cache ends up holding every step's k and v
+    g = _gen("steps")
+    batch, h_q, h_kv, s_max, dim = 2, 4, 2, 5, 64
+    _, _, _, _, _, k_cache, v_cache = make_inputs(batch, h_q, h_kv, s_max, dim, torch.bfloat16, g)
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    col = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for step in range(s_max):
+        q, k, v, cos, sin, _, _ = make_inputs(batch, h_q, h_kv, 1, dim, torch.bfloat16, g)
+        col.fill_(step)
+        got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col, backend="triton")
+        want = rope_cache_write_reference(q, k, v, cos, sin, want_kc, want_vc, col)
+        assert_rotated(got, want, q)
+    assert_rotated(k_cache, want_kc, k_cache)
+    assert bitwise_equal(v_cache, want_vc)
+
+
+@needs_triton
+@pytest.mark.parametrize("cols", [[0], []])
+def test_empty_batch_launches_nothing(monkeypatch, cols):
+    def no_kernel():
+        raise AssertionError("kernel launched for an empty batch")
+
+    monkeypatch.setattr(mod, "_kernel", no_kernel)
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(0, 3, 1, 4, 8, torch.float16, _gen("empty"))
+    got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, torch.tensor(cols, dtype=torch.int64,
+                                                                              device=DEVICE), backend="triton")
+    assert got.shape == (0, 3, 8) and got.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_backend_is_reference(dtype):
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 6, 16, dtype, _gen("torch", dtype))
+    col = torch.tensor([5, 1], device=DEVICE)
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col, backend="torch")
+    want = rope_cache_write_reference(q, k, v, cos, sin, want_kc, want_vc, col)
+    assert bitwise_equal(got, want) and bitwise_equal(k_cache, want_kc) and bitwise_equal(v_cache, want_vc)
+
+
+def test_auto_on_cpu_is_reference(monkeypatch):
+    monkeypatch.setattr(mod, "_kernel", lambda: pytest.fail("auto ran the kernel on CPU"))
+    q, k, v, cos, sin, k_cache, v_cache = (t.cpu() for t in make_inputs(2, 4, 2, 6, 16, torch.bfloat16,
+                                                                         _gen("auto")))
+    col = torch.tensor([3])
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col)
+    want = rope_cache_write_reference(q, k, v, cos, sin, want_kc, want_vc, col)
+    assert bitwise_equal(got, want) and bitwise_equal(k_cache, want_kc) and bitwise_equal(v_cache, want_vc)
+
+
+def test_reference_is_a_rotation():
+    # the reference itself against float64 complex rotation of the pairs (x[j], x[j + D/2]) by the row's angles
+    batch, h_q, h_kv, s_max, dim = 3, 4, 2, 6, 32
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(batch, h_q, h_kv, s_max, dim, torch.float32, _gen("formula"))
+    col = torch.tensor([5, 0, 2], device=DEVICE)
+    old_k = k_cache.clone()
+    q_out = rope_cache_write_reference(q, k, v, cos, sin, k_cache, v_cache, col)
+
+    def rotate(x):
+        z = torch.complex(x[..., :dim // 2].double(), x[..., dim // 2:].double())
+        z = z * torch.complex(cos[:, None, :dim // 2].double(), sin[:, None, :dim // 2].double())
+        return torch.cat((z.real, z.imag), dim=-1)
+
+    torch.testing.assert_close(q_out.double(), rotate(q), rtol=1e-6, atol=1e-6)
+    rows = torch.arange(batch, device=DEVICE)
+    torch.testing.assert_close(k_cache[rows, :, col].double(), rotate(k), rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache[rows, :, col], v)
+    assert torch.equal(k_cache[0, :, :5], old_k[0, :, :5]) and torch.equal(k_cache[1, :, 1:], old_k[1, :, 1:])
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _good():
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 5, 8, torch.float32, _gen("good"))
+    return dict(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache,
+                col=torch.tensor([0, 4], device=DEVICE))
+
+
+F16, I64 = torch.float16, torch.int64
+BAD = [
+    (dict(q=[1.0]), TypeError, "q"),
+    (dict(v=None), TypeError, "v"),
+    (dict(col=[0, 4]), TypeError, "col"),
+    (dict(k=torch.zeros(2, 2, 8, device="meta")), ValueError, "k"),
+    (dict(k_cache=torch.zeros(2, 2, 5, 8, device="meta")), ValueError, "k_cache"),
+    (dict(col=torch.zeros(2, dtype=I64, device="meta")), ValueError, "col"),
+    (dict(q=torch.zeros(2, 32)), ValueError, "q"),
+    (dict(q=torch.zeros(2, 4, 8, 1)), ValueError, "q"),
+    (dict(q=torch.zeros(2, 4, 8, dtype=torch.int32)), TypeError, "q"),
+    (dict(q=torch.zeros(2, 4, 8, dtype=torch.float64)), TypeError, "q"),
+    (dict(q=torch.zeros(2, 4, 7)), ValueError, "q"),  # odd head dim
+    (dict(q=torch.zeros(2, 4, 0)), ValueError, "q"),
+    (dict(k=torch.zeros(2, 2, 8, dtype=F16)), TypeError, "k"),
+    (dict(v=torch.zeros(2, 2, 8, dtype=F16)), TypeError, "v"),
+    (dict(cos=torch.zeros(2, 8, dtype=F16)), TypeError, "cos"),
+    (dict(sin=torch.zeros(2, 8, dtype=torch.bfloat16)), TypeError, "sin"),
+    (dict(k_cache=torch.zeros(2, 2, 5, 8, dtype=F16)), TypeError, "k_cache"),
+    (dict(v_cache=torch.zeros(2, 2, 5, 8, dtype=F16)), TypeError, "v_cache"),
+    (dict(k=torch.zeros(2, 16)), ValueError, "k"),
+    (dict(k=torch.zeros(3, 2, 8)), ValueError, "k"),
+    (dict(k=torch.zeros(2, 2, 6)), ValueError, "k"),
+    (dict(k=torch.zeros(2, 0, 8), v=torch.zeros(2, 0, 8)), ValueError, "k"),
+    (dict(v=torch.zeros(2, 3, 8)), ValueError, "v"),
+    (dict(cos=torch.zeros(2, 6)), ValueError, "cos"),
+    (dict(sin=torch.zeros(1, 8)), ValueError, "sin"),
+    (dict(cos=torch.zeros(2, 1, 8)), ValueError, "cos"),
+    (dict(k_cache=torch.zeros(2, 5, 8)), ValueError, "k_cache"),
+    (dict(k_cache=torch.zeros(3, 2, 5, 8)), ValueError, "k_cache"),
+    (dict(k_cache=torch.zeros(2, 3, 5, 8)), ValueError, "k_cache"),
+    (dict(k_cache=torch.zeros(2, 2, 5, 6)), ValueError, "k_cache"),
+    (dict(k_cache=torch.zeros(2, 2, 0, 8), v_cache=torch.zeros(2, 2, 0, 8)), ValueError, "k_cache"),
+    (dict(v_cache=torch.zeros(2, 2, 5, 4)), ValueError, "v_cache"),
+    (dict(v_cache=torch.zeros(2, 2, 6, 8)), ValueError, "v_cache"),  # S_max differs from k_cache's
+    (dict(col=torch.zeros(2)), TypeError, "col"),  # float
+    (dict(col=torch.zeros(2, dtype=torch.int16)), TypeError, "col"),
+    (dict(col=torch.zeros(3, dtype=I64)), ValueError, "col"),
+    (dict(col=torch.zeros(0, dtype=I64)), ValueError, "col"),
+    (dict(col=torch.zeros(2, 1, dtype=I64)), ValueError, "col"),
+    (dict(col=torch.tensor(1)), ValueError, "col"),  # 0-D
+    (dict(q=torch.zeros(2, 8, 4).transpose(1, 2)), ValueError, "q"),  # last dim not contiguous
+    (dict(k=torch.zeros(2, 8, 2).transpose(1, 2)), ValueError, "k"),
+    (dict(v=torch.zeros(2, 8, 2).transpose(1, 2)), ValueError, "v"),
+    (dict(cos=torch.zeros(8, 2).t()), ValueError, "cos"),
+    (dict(sin=torch.zeros(8, 2).t()), ValueError, "sin"),
+    (dict(k_cache=torch.zeros(2, 2, 8, 5).transpose(2, 3)), ValueError, "k_cache"),
+    (dict(v_cache=torch.zeros(2, 2, 8, 5).transpose(2, 3)), ValueError, "v_cache"),
+    (dict(backend="cpu"), ValueError, "backend"),
+    (dict(backend=None), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("change,exc,name", BAD)
+def test_bad_input(change, exc, name):
+    args = _good()
+    for key, value in change.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            value = value.to(DEVICE)
+        args[key] = value
+    with pytest.raises(exc, match=rf"^{name}:"):
+        rope_cache_write(**args)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setattr(_backends, "triton_interpreting", lambda: False)
+    args = {key: value.cpu() for key, value in _good().items()}
+    with pytest.raises(ValueError, match=r"^backend:"):
+        rope_cache_write(**args, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE == "cuda" or not _backends.has_triton(),
+                    reason="on a GPU the kernel is compiled and run by the other tests; needs Triton")
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    sm90.compiled("rope_cache")
