@@ -21,7 +21,10 @@ Layout and state (all preallocated, all updated in place on the device):
   ``done`` every :attr:`RastEngine.poll_interval` steps with a non-blocking copy to pinned memory (read
   one poll later, so the GPU queue never drains) and checks stop strings then. On CPU, with
   ``use_cuda_graph=False``, or when the models sit on different devices, the very same step function
-  runs eagerly.
+  runs eagerly;
+* a decode forward is either the model's own ``forward`` (with ``attn_implementation``) or, with
+  ``fused_decode`` (the CUDA default for Llama/Qwen2/Mistral), :class:`~.fused_decode.FusedDecoder`: the
+  same math with about a quarter of the kernel launches. Prompts always use the model's ``forward``.
 
 Seeds: row ``i`` of ``prompts`` draws with seed ``mix(seed, i)`` (a SplitMix64 hash; or ``seed[i]`` as
 given when ``seed`` is a list) and Philox offset = the index of the generated token, so a prompt's
