@@ -6,7 +6,8 @@
 #
 # (device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=600), carry=[".whl"] for FlashInfer).
 #
-# Steps (each with its own time limit, all inside GPU_CHECK_BUDGET_S, default 480 s):
+# Steps (each with its own time limit, all inside GPU_CHECK_BUDGET_S, default 540 s: the device tool's
+# 600 s per call less the machine's start):
 #   env        nvidia-smi, interpreter and package versions
 #   flashinfer optional: installs .whl/flashinfer*.whl when carried (carry=[".whl"]); FlashInfer then JIT-
 #              compiles its sampling module with the machine's nvcc on first use (about a minute). .whl/ is
@@ -16,7 +17,7 @@
 #   install    pip install --no-build-isolation --no-deps --no-index -e .   (CPU + CUDA kernels, sm_90)
 #   tests      pytest on CUDA, tests/engine and tests/ops first (graph-vs-eager, Triton kernels natively),
 #              then the rest; --maxfail=25 so one failure does not hide the others
-#   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1 and 8: the engine (fused decode),
+#   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1, 8, 32: the engine (fused decode),
 #              the engine with transformers' forward (decode kernel / SDPA), the peer loop, base alone
 #                                                                    -> decode.json
 #   profile    benchmarks/profile_decode_step.py: sdpa, decode kernel, fused decode -> profile_*.json
@@ -37,7 +38,7 @@ OUT=${OUT:-$PWD/out/gpu_check}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 PY=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests decode profile sampler attention"}
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
@@ -133,7 +134,7 @@ main() {
     # shellcheck disable=SC2046
     # the files that exercise CUDA first, so a run cut by the time limit still covers them
     step tests 150 "$PY" -m pytest tests/engine tests/ops tests $(pytest_args)
-    step decode 180 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 --repeats 2 --peer-new-tokens 48 \
+    step decode 240 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
         --out "$WORK"
     collect
     step profile 100 "$PY" benchmarks/profile_decode_step.py --out "$WORK/profile"
