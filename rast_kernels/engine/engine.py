@@ -146,7 +146,7 @@ class RastEngine:
     fused_decode : bool or None
         Decode steps through :class:`~rast_kernels.engine.fused_decode.FusedDecoder` (the models' own
         weights, fused residual-add + RMSNorm, rotary + cache write, SiLU-mul and the decode-attention kernel:
-        about a third of transformers' kernel launches) instead of the models' ``forward``. ``None``
+        about a quarter of transformers' kernel launches) instead of the models' ``forward``. ``None``
         (default): on when the base model is on CUDA, Triton is importable and every model is a supported
         family (Llama, Qwen2, Mistral); ``True`` requires it (``ValueError`` naming an unsupported model; on
         CPU it runs the same math with PyTorch ops); ``False``: transformers' forward with

@@ -1,5 +1,5 @@
 """The engine's own decode-step forward for Llama-family models: the same math as transformers' forward, with
-about a third of its kernel launches.
+about a quarter of its kernel launches.
 
 Why: a decode step of a small model is launch-bound. Transformers' Llama/Qwen2 decoder layer runs about 40
 kernels per token (RMSNorm alone is eight: cast, pow, mean, add, rsqrt, mul, cast, mul; rotary ten; the cache

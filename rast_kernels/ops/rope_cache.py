@@ -11,8 +11,11 @@ Semantics (transformers' ``apply_rotary_pos_emb`` with ``rotate_half``, then a s
 
 ``cos``/``sin`` are the model's own rotary tables for the row's position (``model.model.rotary_emb``, so every
 rope scaling variant transformers implements is covered), in the tensors' dtype. Each product and the sum are
-rounded to that dtype as PyTorch rounds them, so for 16-bit dtypes the result is bit-identical to transformers'
-(a product of two 16-bit floats is exact in fp32); in float32 a compiler may fuse the multiply-add.
+rounded to that dtype as PyTorch rounds them, so the result is bit-identical to transformers' in every dtype
+(a product of two 16-bit floats is exact in fp32, and fp32 has enough bits that rounding a 16-bit sum or
+difference through it equals rounding it once). The kernel is compiled without FMA contraction
+(``enable_fp_fusion=False``, :data:`LAUNCH_OPTIONS`): with it, the compiler turns ``x1*c1 - x2*s1`` into one
+``fma.rn.bf16`` and skips the rounding of ``x1*c1`` that PyTorch does (seen in the sm_90 PTX).
 ``col`` is a device tensor (``[B]`` or an expanded ``[1]``), never read on the host, so the launch can be
 captured in a CUDA graph. One program per (row, head): the query heads, then the kv heads.
 """
@@ -26,6 +29,7 @@ from .. import _backends
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
+LAUNCH_OPTIONS = dict(num_warps=1, enable_fp_fusion=False)  # the kernel's launch options (module docstring)
 
 
 def _rotate_half(x):
@@ -170,5 +174,5 @@ def rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col, *, backend: str =
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             sin.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
             v_cache.stride(1), v_cache.stride(2), q_out.stride(0), q_out.stride(1),
-            HALF=half, H_PAD=1 << (half - 1).bit_length(), num_warps=1)
+            HALF=half, H_PAD=1 << (half - 1).bit_length(), **LAUNCH_OPTIONS)
     return q_out

@@ -54,7 +54,12 @@ def _rms_norm():
 
 
 def _rope_cache():
-    from rast_kernels.ops.rope_cache import _kernel
+    """Compiled with the launch's own options: no FMA may appear (it would skip a rounding PyTorch does)."""
+    from rast_kernels.ops.rope_cache import LAUNCH_OPTIONS, _kernel
+
+    def compile_checked(sig, consts):
+        ptx = compile_ptx(_kernel(), sig, consts, **LAUNCH_OPTIONS)
+        assert "fma." not in ptx, "rotary must round each product before the add (no FMA contraction)"
 
     n = 0
     for dt in DTYPES:
@@ -64,12 +69,12 @@ def _rope_cache():
         for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sv_b", "sv_h", "sc_b", "ss_b", "skc_b", "skc_h", "skc_s",
                      "svc_b", "svc_h", "svc_s", "sqo_b", "sqo_h"):
             sig[name] = "i32"
-        compile_ptx(_kernel(), sig, dict(HALF=64, H_PAD=64), num_warps=1)  # head dim 128
+        compile_checked(sig, dict(HALF=64, H_PAD=64))  # head dim 128
         n += 1
     # head dim 80 (padded half) with an int32 column, head dim 2 (a one-element half)
     sig.update(col_ptr="*i32")
-    compile_ptx(_kernel(), sig, dict(HALF=40, H_PAD=64), num_warps=1)
-    compile_ptx(_kernel(), sig, dict(HALF=1, H_PAD=1), num_warps=1)
+    compile_checked(sig, dict(HALF=40, H_PAD=64))
+    compile_checked(sig, dict(HALF=1, H_PAD=1))
     return n + 2
 
 

@@ -32,9 +32,9 @@ _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: 
 #   rounding to nearest even, so for bfloat16 each of the three roundings may differ by one ulp: the products
 #   by up to eps * |x| each (|cos|, |sin| <= 1), the sum by one ulp of itself. The products' error is absolute
 #   (the difference of two products can cancel), hence atol = 2 * eps * max|x| and rtol = 2 * eps.
-# - on CUDA for float16 and bfloat16 (cvt.rn rounds to nearest). In float32 the compiler may fuse one product
-#   into the add (FMA): that product is then not rounded, an error of at most half an ulp of it, same bound.
-EXACT = {torch.float32, torch.float16} if INTERPRETED else {torch.float16, torch.bfloat16}
+# - on CUDA for every dtype: conversions round to nearest, and the kernel is compiled without FMA contraction
+#   (rope_cache.LAUNCH_OPTIONS; tests/ops/sm90.py checks that its PTX has no fma).
+EXACT = {torch.float32, torch.float16} if INTERPRETED else set(DTYPES)
 
 
 def bitwise_equal(a, b):
