@@ -1,26 +1,13 @@
 """decode_attention: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against the fp32 reference."""
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import sm90  # noqa: E402  (tests/ops/sm90.py)
-from rast_kernels import _backends  # noqa: E402
-from rast_kernels.ops.decode_attention import (  # noqa: E402
-    decode_attention,
-    decode_attention_reference,
-    default_num_splits,
-)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
-    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU",
-)
+import sm90  # tests/ops/sm90.py
+from common import DEVICE, needs_triton, raises_naming, without_gpu
+from rast_kernels import _backends
+from rast_kernels.ops.decode_attention import decode_attention, decode_attention_reference, default_num_splits
 
 # Per-dtype tolerances against the fp32 reference rounded to the same dtype. 16-bit: the output is rounded
 # to the dtype (half an ulp each side) and the softmax weights are rounded to the cache dtype before P @ V
@@ -197,13 +184,7 @@ def _good():
     (dict(backend="cuda"), ValueError, "backend"),
 ])
 def test_bad_input(change, exc, name):
-    args = _good()
-    for key, value in change.items():
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            value = value.to(DEVICE)
-        args[key] = value
-    with pytest.raises(exc, match=name):
-        decode_attention(**args)
+    raises_naming(decode_attention, _good(), change, exc, name)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
@@ -233,7 +214,7 @@ def test_cuda_graph_replay_with_new_lengths():
                                    **TOL[torch.bfloat16])
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+@without_gpu
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Both kernels build for an H100 target outside the interpreter (tests/ops/sm90.py)."""
     sm90.compiled("decode_attention")

@@ -1,24 +1,19 @@
 """Kernel-specific tests of the Triton backend of rast_sample (chunking, the key bisection, Philox words,
 bad rows, workspace). On CPU-only machines they run under TRITON_INTERPRET=1 with small shapes."""
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before Triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sm90  # tests/ops/sm90.py
+from common import DEVICE, needs_triton, without_gpu
+from rast_kernels import _backends, rast_sample
+from rast_kernels.ops import philox
+from rast_kernels.ops.rast_sample import SamplingParams
+from rast_kernels.ops.rast_sample_reference import rast_sample_reference
 
-import sm90  # noqa: E402  (tests/ops/sm90.py)
-from rast_kernels import _backends, rast_sample  # noqa: E402
-from rast_kernels.ops import philox  # noqa: E402
-from rast_kernels.ops.rast_sample import SamplingParams  # noqa: E402
-from rast_kernels.ops.rast_sample_reference import rast_sample_reference  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
-    pytest.mark.skipif(not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
-                       reason="Triton unavailable (or TRITON_INTERPRET was not set before Triton was imported)"),
+    needs_triton,
     # the interpreter evaluates masked-out lanes too (e.g. -inf - -inf) and NumPy warns about them
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 ]
@@ -253,7 +248,7 @@ def test_launch_config():
         launch_config(1, 100, chunk=48)
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+@without_gpu
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The compiled (non-interpreter) path: both kernels, with and without filters/tensor parameters,
     build for an H100 target; z / T is IEEE division, log is libdevice's, Philox uses umulhi (tests/ops/sm90.py)."""

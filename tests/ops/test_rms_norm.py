@@ -1,36 +1,18 @@
 """add_rms_norm: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against add_rms_norm_reference."""
 import importlib
 import math
-import os
-import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before Triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sm90  # tests/ops/sm90.py
+from common import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, ulps, without_gpu
+from rast_kernels import _backends
+from rast_kernels.ops.rms_norm import add_rms_norm, add_rms_norm_reference
 
-import sm90  # noqa: E402  (tests/ops/sm90.py)
-from rast_kernels import _backends  # noqa: E402
-from rast_kernels.ops.rms_norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
-
-# the op's module (for silu_mul, the package attribute of that name is the function, not the module)
+# the op's module (the package attribute of the same name is the function it re-exports)
 mod = importlib.import_module("rast_kernels.ops.rms_norm")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu"
-needs_triton = pytest.mark.skipif(
-    not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
-    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU",
-)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def ulps(dtype, n):
-    """assert_close tolerances of n units in the last place: eps is one ulp relative to a value at the bottom of
-    its binade (so rtol=n*eps admits n ulps everywhere), eps * smallest_normal one ulp among the subnormals."""
-    fi = torch.finfo(dtype)
-    return dict(rtol=n * fi.eps, atol=n * fi.eps * fi.smallest_normal)
 
 
 # y against the reference applied to the kernel's own s (so that a bf16 difference of s under the interpreter,
@@ -48,11 +30,6 @@ Y_TOL = {
     torch.float16: ulps(torch.float16, 2),
     torch.bfloat16: ulps(torch.bfloat16, 3 if INTERPRETED else 2),
 }
-
-
-def _gen(*key):
-    """A generator with a seed of its own for each case (a fresh one per parameter set, reproducible)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def make_inputs(batch, hidden, dtype, g, scale=3.0):
@@ -96,7 +73,7 @@ SIZES = [(1, 1), (3, 7), (2, 100), (4, 896), (2, 3584)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,hidden", SIZES)
 def test_matches_reference(dtype, batch, hidden):
-    x, residual, weight = make_inputs(batch, hidden, dtype, _gen("res", dtype, batch, hidden))
+    x, residual, weight = make_inputs(batch, hidden, dtype, gen("res", dtype, batch, hidden))
     check(x, weight, 1e-6, residual)
 
 
@@ -105,7 +82,7 @@ def test_matches_reference(dtype, batch, hidden):
 @pytest.mark.parametrize("batch,hidden,eps", [(1, 7, 1e-6), (3, 100, 1e-5), (2, 896, 0)])
 def test_without_residual(dtype, batch, hidden, eps):
     # the first norm of a model: s is x itself (nothing written); eps given as an int 0 too
-    x, _, weight = make_inputs(batch, hidden, dtype, _gen("nores", dtype, batch, hidden))
+    x, _, weight = make_inputs(batch, hidden, dtype, gen("nores", dtype, batch, hidden))
     check(x, weight, eps)
 
 
@@ -113,7 +90,7 @@ def test_without_residual(dtype, batch, hidden, eps):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_rows(dtype):
     # x a column slice of a wider tensor (row stride 108, offset 3), the residual every other row of another
-    g = _gen("strided", dtype)
+    g = gen("strided", dtype)
     batch, hidden = 3, 100
     big = (torch.randn(batch, hidden + 8, generator=g) * 2).to(dtype).to(DEVICE)
     res_big = (torch.randn(2 * batch, hidden, generator=g) * 2).to(dtype).to(DEVICE)
@@ -131,7 +108,7 @@ def test_strided_rows(dtype):
 def test_magnitudes_beyond_16_bit_squares(dtype):
     # sums of squares are fp32: rows of |x| ~ 1e4 (squares overflow float16) and ~ 1e-4 (squares underflow
     # float16; eps then dominates the mean) stay finite and match
-    g = _gen("magnitude", dtype)
+    g = gen("magnitude", dtype)
     x = torch.randn(4, 256, generator=g)
     x[:2] *= 1e4
     x[2:] *= 1e-4
@@ -150,7 +127,7 @@ def test_zero_and_non_finite_rows(dtype, with_residual):
     # row 1 all zeros: y is exactly 0 (rstd = 1/sqrt(eps) is finite). Row 2 holds an inf, row 3 a NaN: their y
     # are NaN/0 as the reference's, and the other rows are unaffected (one row per program): bit-identical to
     # the kernel's result on those rows alone, and within tolerance of the reference.
-    g = _gen("nonfinite", dtype, with_residual)
+    g = gen("nonfinite", dtype, with_residual)
     x, residual, weight = make_inputs(5, 96, dtype, g)
     x[1] = 0
     x[2, 17] = math.inf
@@ -192,7 +169,7 @@ def test_empty_batch_launches_nothing(monkeypatch, with_residual):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_backend_is_reference(dtype):
-    x, residual, weight = make_inputs(3, 40, dtype, _gen("torch", dtype))
+    x, residual, weight = make_inputs(3, 40, dtype, gen("torch", dtype))
     for r in (residual, None):
         y, s = add_rms_norm(x, weight, 1e-5, r, backend="torch")
         want_y, want_s = add_rms_norm_reference(x, weight, 1e-5, r)
@@ -201,7 +178,7 @@ def test_torch_backend_is_reference(dtype):
 
 def test_auto_on_cpu_is_reference(monkeypatch):
     monkeypatch.setattr(mod, "_kernel", lambda: pytest.fail("auto ran the kernel on CPU"))
-    x, residual, weight = (t.cpu() for t in make_inputs(2, 24, torch.float16, _gen("auto")))
+    x, residual, weight = (t.cpu() for t in make_inputs(2, 24, torch.float16, gen("auto")))
     y, s = add_rms_norm(x, weight, 1e-6, residual)
     want_y, want_s = add_rms_norm_reference(x, weight, 1e-6, residual)
     assert torch.equal(y, want_y) and torch.equal(s, want_s)
@@ -210,7 +187,7 @@ def test_auto_on_cpu_is_reference(monkeypatch):
 
 def test_reference_is_rms_norm():
     # the reference itself against the float64 formula w * s / sqrt(mean(s**2) + eps), s = x + residual
-    x, residual, weight = make_inputs(3, 300, torch.float32, _gen("formula"))
+    x, residual, weight = make_inputs(3, 300, torch.float32, gen("formula"))
     y, s = add_rms_norm_reference(x, weight, 1e-5, residual)
     s64 = x.double() + residual.double()
     torch.testing.assert_close(s.double(), s64, rtol=2**-24, atol=0)
@@ -220,7 +197,7 @@ def test_reference_is_rms_norm():
 
 # ------------------------------------------------------------------------------------------------ errors
 def _good():
-    g = _gen("good")
+    g = gen("good")
     x = torch.randn(2, 8, generator=g).to(DEVICE)
     return dict(x=x, weight=torch.ones(8, device=DEVICE), eps=1e-6, residual=torch.randn(2, 8, generator=g).to(DEVICE))
 
@@ -258,13 +235,7 @@ BAD = [
 
 @pytest.mark.parametrize("change,exc,name", BAD)
 def test_bad_input(change, exc, name):
-    args = _good()
-    for key, value in change.items():
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            value = value.to(DEVICE)
-        args[key] = value
-    with pytest.raises(exc, match=rf"^{name}:"):
-        add_rms_norm(**args)
+    raises_naming(add_rms_norm, _good(), change, exc, name)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
@@ -274,7 +245,6 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         add_rms_norm(**args, backend="triton")
 
 
-@pytest.mark.skipif(DEVICE == "cuda" or not _backends.has_triton(),
-                    reason="on a GPU the kernel is compiled and run by the other tests; needs Triton")
+@without_gpu
 def test_kernel_compiles_for_sm90_without_a_gpu():
     sm90.compiled("rms_norm")

@@ -1,28 +1,17 @@
 """rope_cache_write: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against rope_cache_write_reference."""
 import importlib
-import os
-import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before Triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sm90  # tests/ops/sm90.py
+from common import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, without_gpu
+from rast_kernels import _backends
+from rast_kernels.ops.rope_cache import rope_cache_write, rope_cache_write_reference
 
-import sm90  # noqa: E402  (tests/ops/sm90.py)
-from rast_kernels import _backends  # noqa: E402
-from rast_kernels.ops.rope_cache import rope_cache_write, rope_cache_write_reference  # noqa: E402
-
-# the op's module (for silu_mul, the package attribute of that name is the function, not the module)
+# the op's module (the package attribute of the same name is the function it re-exports)
 mod = importlib.import_module("rast_kernels.ops.rope_cache")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu"
-needs_triton = pytest.mark.skipif(
-    not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
-    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU",
-)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 # Each output element is round(round(x1 * c) -/+ round(x2 * s)), every rounding to the dtype, as PyTorch's
@@ -49,11 +38,6 @@ def assert_rotated(got, want, x):
         eps = torch.finfo(got.dtype).eps
         torch.testing.assert_close(got.float(), want.float(), rtol=2 * eps,
                                    atol=2 * eps * x.float().abs().max().item())
-
-
-def _gen(*key):
-    """A generator with a seed of its own for each case (a fresh one per parameter set, reproducible)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def rotary(batch, dim, dtype, g):
@@ -127,7 +111,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,h_q,h_kv,dim,s_max,cols", CASES)
 def test_matches_reference(dtype, batch, h_q, h_kv, dim, s_max, cols):
-    args = make_inputs(batch, h_q, h_kv, s_max, dim, dtype, _gen(dtype, batch, h_q, h_kv, dim, s_max, cols))
+    args = make_inputs(batch, h_q, h_kv, s_max, dim, dtype, gen(dtype, batch, h_q, h_kv, dim, s_max, cols))
     check(*args, torch.tensor(cols, device=DEVICE))
 
 
@@ -142,7 +126,7 @@ def test_col_forms(form):
         "[1] expanded to [B]": lambda: torch.tensor([5], device=DEVICE).expand(3),
         "offset slice": lambda: torch.tensor([9, 3, 0, 1, 7], device=DEVICE)[1:4],
     }[form]()
-    args = make_inputs(3, 4, 2, 6, 64, torch.float16, _gen("col", form))
+    args = make_inputs(3, 4, 2, 6, 64, torch.float16, gen("col", form))
     check(*args, col)
 
 
@@ -154,7 +138,7 @@ def test_strided_inputs_and_caches(dtype):
     # every other head and a column window of a bigger cache, v_cache a [B, S, H, D] cache transposed (so the
     # caches' column strides differ too). Writes must land in the views only.
     batch, h_q, h_kv, s_max, dim = 3, 6, 2, 7, 80
-    g = _gen("strided", dtype)
+    g = gen("strided", dtype)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
@@ -177,7 +161,7 @@ def test_strided_inputs_and_caches(dtype):
 @needs_triton
 def test_repeated_steps_fill_the_cache():
     # a decode loop: step t writes column t of every row; the cache ends up holding every step's k and v
-    g = _gen("steps")
+    g = gen("steps")
     batch, h_q, h_kv, s_max, dim = 2, 4, 2, 5, 64
     _, _, _, _, _, k_cache, v_cache = make_inputs(batch, h_q, h_kv, s_max, dim, torch.bfloat16, g)
     want_kc, want_vc = k_cache.clone(), v_cache.clone()
@@ -199,7 +183,7 @@ def test_empty_batch_launches_nothing(monkeypatch, cols):
         raise AssertionError("kernel launched for an empty batch")
 
     monkeypatch.setattr(mod, "_kernel", no_kernel)
-    q, k, v, cos, sin, k_cache, v_cache = make_inputs(0, 3, 1, 4, 8, torch.float16, _gen("empty"))
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(0, 3, 1, 4, 8, torch.float16, gen("empty"))
     got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, torch.tensor(cols, dtype=torch.int64,
                                                                               device=DEVICE), backend="triton")
     assert got.shape == (0, 3, 8) and got.dtype == torch.float16
@@ -207,7 +191,7 @@ def test_empty_batch_launches_nothing(monkeypatch, cols):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_backend_is_reference(dtype):
-    q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 6, 16, dtype, _gen("torch", dtype))
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 6, 16, dtype, gen("torch", dtype))
     col = torch.tensor([5, 1], device=DEVICE)
     want_kc, want_vc = k_cache.clone(), v_cache.clone()
     got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col, backend="torch")
@@ -218,7 +202,7 @@ def test_torch_backend_is_reference(dtype):
 def test_auto_on_cpu_is_reference(monkeypatch):
     monkeypatch.setattr(mod, "_kernel", lambda: pytest.fail("auto ran the kernel on CPU"))
     q, k, v, cos, sin, k_cache, v_cache = (t.cpu() for t in make_inputs(2, 4, 2, 6, 16, torch.bfloat16,
-                                                                         _gen("auto")))
+                                                                         gen("auto")))
     col = torch.tensor([3])
     want_kc, want_vc = k_cache.clone(), v_cache.clone()
     got = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col)
@@ -229,7 +213,7 @@ def test_auto_on_cpu_is_reference(monkeypatch):
 def test_reference_is_a_rotation():
     # the reference itself against float64 complex rotation of the pairs (x[j], x[j + D/2]) by the row's angles
     batch, h_q, h_kv, s_max, dim = 3, 4, 2, 6, 32
-    q, k, v, cos, sin, k_cache, v_cache = make_inputs(batch, h_q, h_kv, s_max, dim, torch.float32, _gen("formula"))
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(batch, h_q, h_kv, s_max, dim, torch.float32, gen("formula"))
     col = torch.tensor([5, 0, 2], device=DEVICE)
     old_k = k_cache.clone()
     q_out = rope_cache_write_reference(q, k, v, cos, sin, k_cache, v_cache, col)
@@ -248,7 +232,7 @@ def test_reference_is_a_rotation():
 
 # ------------------------------------------------------------------------------------------------ errors
 def _good():
-    q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 5, 8, torch.float32, _gen("good"))
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 5, 8, torch.float32, gen("good"))
     return dict(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache,
                 col=torch.tensor([0, 4], device=DEVICE))
 
@@ -308,13 +292,7 @@ BAD = [
 
 @pytest.mark.parametrize("change,exc,name", BAD)
 def test_bad_input(change, exc, name):
-    args = _good()
-    for key, value in change.items():
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            value = value.to(DEVICE)
-        args[key] = value
-    with pytest.raises(exc, match=rf"^{name}:"):
-        rope_cache_write(**args)
+    raises_naming(rope_cache_write, _good(), change, exc, name)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
@@ -324,7 +302,6 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         rope_cache_write(**args, backend="triton")
 
 
-@pytest.mark.skipif(DEVICE == "cuda" or not _backends.has_triton(),
-                    reason="on a GPU the kernel is compiled and run by the other tests; needs Triton")
+@without_gpu
 def test_kernel_compiles_for_sm90_without_a_gpu():
     sm90.compiled("rope_cache")

@@ -1,35 +1,17 @@
 """silu_mul: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against silu_mul_reference."""
 import importlib
-import os
-import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before Triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sm90  # tests/ops/sm90.py
+from common import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, ulps, without_gpu
+from rast_kernels import _backends
+from rast_kernels.ops.silu_mul import silu_mul, silu_mul_reference
 
-import sm90  # noqa: E402  (tests/ops/sm90.py)
-from rast_kernels import _backends  # noqa: E402
-from rast_kernels.ops.silu_mul import silu_mul, silu_mul_reference  # noqa: E402
-
-# the op's module (for silu_mul, the package attribute of that name is the function, not the module)
+# the op's module (the package attribute of the same name is the function it re-exports)
 mod = importlib.import_module("rast_kernels.ops.silu_mul")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu"
-needs_triton = pytest.mark.skipif(
-    not _backends.has_triton() or (DEVICE == "cpu" and not _backends.triton_interpreting()),
-    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU",
-)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def ulps(dtype, n):
-    """assert_close tolerances of n units in the last place: eps is one ulp relative to a value at the bottom of
-    its binade (so rtol=n*eps admits n ulps everywhere), eps * smallest_normal one ulp among the subnormals."""
-    fi = torch.finfo(dtype)
-    return dict(rtol=n * fi.eps, atol=n * fi.eps * fi.smallest_normal)
 
 
 # out = round(round(silu(g)) * u), silu in fp32 in both, but with different exp implementations (NumPy's under
@@ -47,11 +29,6 @@ TOL = {
     torch.float16: ulps(torch.float16, 2),
     torch.bfloat16: ulps(torch.bfloat16, 3 if INTERPRETED else 2),
 }
-
-
-def _gen(*key):
-    """A generator with a seed of its own for each case (a fresh one per parameter set, reproducible)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def make_inputs(rows, n, dtype, g):
@@ -77,7 +54,7 @@ SIZES = [(1, 1), (3, 1000), (2, 4097), (4, 1024), (1, 4864)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n", SIZES)
 def test_matches_reference(dtype, rows, n):
-    check(*make_inputs(rows, n, dtype, _gen(dtype, rows, n)))
+    check(*make_inputs(rows, n, dtype, gen(dtype, rows, n)))
 
 
 @needs_triton
@@ -85,7 +62,7 @@ def test_matches_reference(dtype, rows, n):
 def test_strided_rows(dtype):
     # gate and up the two halves of one fused gate_up projection [B, 2N] (row stride 2N, up at offset N); then
     # gate every other row of a [2B, N] tensor, up a column window of a wider one (different row strides)
-    g = _gen("strided", dtype)
+    g = gen("strided", dtype)
     rows, n = 3, 1500
     gate_up = (torch.randn(rows, 2 * n, generator=g) * 4).to(dtype).to(DEVICE)
     before = gate_up.clone()
@@ -101,7 +78,7 @@ def test_strided_rows(dtype):
 @needs_triton
 def test_rows_are_independent():
     # the same row gives the same bits wherever it sits in the batch (and whatever the other rows hold)
-    gate, up = make_inputs(4, 2100, torch.bfloat16, _gen("rows"))
+    gate, up = make_inputs(4, 2100, torch.bfloat16, gen("rows"))
     got = check(gate, up)
     assert torch.equal(got[2:3], silu_mul(gate[2:3], up[2:3], backend="triton"))
 
@@ -120,13 +97,13 @@ def test_empty_launches_nothing(monkeypatch, rows, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_backend_is_reference(dtype):
-    gate, up = make_inputs(3, 50, dtype, _gen("torch", dtype))
+    gate, up = make_inputs(3, 50, dtype, gen("torch", dtype))
     assert torch.equal(silu_mul(gate, up, backend="torch"), silu_mul_reference(gate, up))
 
 
 def test_auto_on_cpu_is_reference(monkeypatch):
     monkeypatch.setattr(mod, "_kernel", lambda: pytest.fail("auto ran the kernel on CPU"))
-    gate, up = (t.cpu() for t in make_inputs(2, 30, torch.bfloat16, _gen("auto")))
+    gate, up = (t.cpu() for t in make_inputs(2, 30, torch.bfloat16, gen("auto")))
     assert torch.equal(silu_mul(gate, up), silu_mul_reference(gate, up))
 
 
@@ -134,7 +111,7 @@ def test_auto_on_cpu_is_reference(monkeypatch):
 def test_reference_is_silu_times_up(dtype):
     # the reference itself against float64 g * sigmoid(g) * u, rounded once to the dtype (so 2 ulps: the
     # reference rounds twice)
-    gate, up = make_inputs(2, 500, dtype, _gen("formula", dtype))
+    gate, up = make_inputs(2, 500, dtype, gen("formula", dtype))
     g64 = gate.double()
     want = (g64 * torch.sigmoid(g64) * up.double()).to(dtype)
     torch.testing.assert_close(silu_mul_reference(gate, up).float(), want.float(), **ulps(dtype, 2))
@@ -142,7 +119,7 @@ def test_reference_is_silu_times_up(dtype):
 
 # ------------------------------------------------------------------------------------------------ errors
 def _good():
-    gate, up = make_inputs(2, 8, torch.float32, _gen("good"))
+    gate, up = make_inputs(2, 8, torch.float32, gen("good"))
     return dict(gate=gate, up=up)
 
 
@@ -167,13 +144,7 @@ BAD = [
 
 @pytest.mark.parametrize("change,exc,name", BAD)
 def test_bad_input(change, exc, name):
-    args = _good()
-    for key, value in change.items():
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            value = value.to(DEVICE)
-        args[key] = value
-    with pytest.raises(exc, match=rf"^{name}:"):
-        silu_mul(**args)
+    raises_naming(silu_mul, _good(), change, exc, name)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
@@ -183,7 +154,6 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         silu_mul(**args, backend="triton")
 
 
-@pytest.mark.skipif(DEVICE == "cuda" or not _backends.has_triton(),
-                    reason="on a GPU the kernel is compiled and run by the other tests; needs Triton")
+@without_gpu
 def test_kernel_compiles_for_sm90_without_a_gpu():
     sm90.compiled("silu_mul")
