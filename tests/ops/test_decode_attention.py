@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sm90  # tests/ops/sm90.py
-from common import DEVICE, needs_triton, raises_naming, without_gpu
+from op_testing import DEVICE, needs_triton, raises_naming, without_gpu
 from rast_kernels import _backends
 from rast_kernels.ops.decode_attention import decode_attention, decode_attention_reference, default_num_splits
 

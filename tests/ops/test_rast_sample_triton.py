@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sm90  # tests/ops/sm90.py
-from common import DEVICE, needs_triton, without_gpu
+from op_testing import DEVICE, needs_triton, without_gpu
 from rast_kernels import _backends, rast_sample
 from rast_kernels.ops import philox
 from rast_kernels.ops.rast_sample import SamplingParams

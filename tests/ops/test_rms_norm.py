@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sm90  # tests/ops/sm90.py
-from common import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, ulps, without_gpu
+from op_testing import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, ulps, without_gpu
 from rast_kernels import _backends
 from rast_kernels.ops.rms_norm import add_rms_norm, add_rms_norm_reference
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sm90  # tests/ops/sm90.py
-from common import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, without_gpu
+from op_testing import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, without_gpu
 from rast_kernels import _backends
 from rast_kernels.ops.rope_cache import rope_cache_write, rope_cache_write_reference
 

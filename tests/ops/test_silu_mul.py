@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sm90  # tests/ops/sm90.py
-from common import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, ulps, without_gpu
+from op_testing import DEVICE, DTYPES, INTERPRETED, gen, needs_triton, raises_naming, ulps, without_gpu
 from rast_kernels import _backends
 from rast_kernels.ops.silu_mul import silu_mul, silu_mul_reference
 
