@@ -132,3 +132,19 @@ def test_concatenated_projections_give_the_same_tokens(tokenizer):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     for x, y in zip(a, b):
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def test_projection_biases(tokenizer, monkeypatch):
+    """Llama with biases on every projection (attention_bias, mlp_bias): the concatenated q/k/v and gate/up
+    GEMMs carry the concatenated biases; same tokens as transformers' forward (fp32)."""
+    monkeypatch.setattr(attention, "_default_backend", lambda device: "torch")
+    models = [make_model("llama", w, s, attention_bias=True, mlp_bias=True) for w, s in zip(WIDTHS.values(), (1, 2, 3))]
+    kw = dict(alpha=0.7, temperature=1.0, max_new_tokens=10, eos_token_id=[], seed=[1, 2], return_logprobs=True)
+    hf = RastEngine(*models, tokenizer=tokenizer, max_seq_len=48, devices=CPU, attn_implementation="rast_decode",
+                    fused_decode=False).generate(PROMPTS[:2], **kw)
+    engine = RastEngine(*models, tokenizer=tokenizer, max_seq_len=48, devices=CPU, fused_decode=True)
+    assert all(lane.decoder.qkv[0][1] is not None and lane.decoder.gate_up[0][1] is not None for lane in engine.lanes)
+    fused = engine.generate(PROMPTS[:2], **kw)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in hf]
+    for a, b in zip(fused, hf):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
