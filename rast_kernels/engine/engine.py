@@ -116,7 +116,9 @@ class RastEngine:
     ----------
     base, expert, expert_base : str, os.PathLike or transformers.PreTrainedModel
         Model id / local path (``AutoModelForCausalLM``; ``HF_HUB_OFFLINE`` is honoured) or a loaded
-        model, which is moved/cast **in place**, put in eval mode and switched to ``attn_implementation``.
+        model, which is moved/cast **in place**, put in eval mode and switched to ``attn_implementation``
+        (with ``fused_decode``, its q/k/v and gate/up weights also become row views of one concatenated
+        tensor each: same values, no extra memory).
         ``expert=None, expert_base=None`` decodes the base model alone with the same machinery (static
         cache, CUDA graph, fused sampler; ``alpha`` is then irrelevant): the baseline RAST is measured
         against. Models of different families are fine as long as they share the
