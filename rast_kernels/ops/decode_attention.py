@@ -26,9 +26,8 @@ import numbers
 import torch
 
 from .. import _backends
+from ._checks import INDEX_DTYPES, require_float, require_like, require_tensors
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64
 _LOG2E = 1.4426950408889634
@@ -245,17 +244,14 @@ def _decode_attention_triton(q, k_cache, v_cache, start, end, scale, num_splits,
 # Public op
 # ----------------------------------------------------------------------------------------------------------
 def _check_inputs(q, k_cache, v_cache, start, end):
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("start", start), ("end", end)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_tensors(q=q, k_cache=k_cache, v_cache=v_cache, start=start, end=end)
     if q.dim() != 3:
         raise ValueError(f"q: expected a 3-D tensor [B, H_q, D], got shape {tuple(q.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [B, H_kv, S_max, D], got shape {tuple(t.shape)}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, bfloat16 or float16, got {t.dtype}")
+        require_float(name, t)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
@@ -277,7 +273,7 @@ def _check_inputs(q, k_cache, v_cache, start, end):
     for name, t in (("start", start), ("end", end)):
         if t.shape != (batch,):
             raise ValueError(f"{name}: expected a tensor of shape [{batch}], got shape {tuple(t.shape)}")
-        if t.dtype not in _INDEX_DTYPES:
+        if t.dtype not in INDEX_DTYPES:
             raise TypeError(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("start", start), ("end", end)):
         if t.device != q.device:
@@ -344,11 +340,8 @@ def decode_attention(
             raise ValueError(f"num_splits: must be in [1, {_MAX_SPLITS}], got {num_splits}")
         num_splits = int(num_splits)
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out: expected a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
-                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        require_tensors(out=out)
+        require_like("out", out, q.shape, q.dtype, q.device)
     backend = _backends.resolve_triton_or_torch(backend, q.device)
 
     if backend == "torch":

@@ -32,10 +32,10 @@ from typing import Union
 import torch
 
 from .. import _backends
+from ._checks import require_float, require_like, require_tensors
 from .rast_sample_reference import rast_sample_reference
 
 Param = Union[float, int, torch.Tensor]
-_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
@@ -102,13 +102,11 @@ def _check_param(name: str, value, batch: int, device) -> Param:
 
 def _check_logits(base, expert, expert_base):
     named = {"base_logits": base, "expert_logits": expert, "expert_base_logits": expert_base}
+    require_tensors(**named)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor [B, V], got shape {tuple(t.shape)}")
-        if t.dtype not in _LOGIT_DTYPES:
-            raise TypeError(f"{name}: dtype must be float32, bfloat16 or float16, got {t.dtype}")
+        require_float(name, t)
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got stride {t.stride(1)}")
         if t.shape[0] != base.shape[0]:
@@ -181,11 +179,8 @@ def rast_sample(
                                 min_p=min_p, seed=seed, offset=offset).items()
     })
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != torch.int64 or out.shape != (batch,) or out.device != device:
-            raise ValueError(f"out: expected an int64 tensor of shape [{batch}] on {device}, "
-                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        require_tensors(out=out)
+        require_like("out", out, (batch,), torch.int64, device)
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs: expected a bool, got {type(return_logprobs).__name__}")
     backend = _resolve_backend(backend, device)

@@ -23,8 +23,8 @@ import numbers
 import torch
 
 from .. import _backends
+from ._checks import require_float, require_like, require_tensors
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HIDDEN = 65536
 
 
@@ -64,28 +64,20 @@ def _kernel():
 
 
 def _check(x, weight, eps, residual):
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_tensors(x=x, weight=weight)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor [B, H], got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x: dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    require_float("x", x)
     if not 0 < x.shape[1] <= _MAX_HIDDEN:
         raise ValueError(f"x: hidden size must be in [1, {_MAX_HIDDEN}], got {x.shape[1]}")
     if x.stride(1) != 1:
         raise ValueError("x: the hidden dimension must be contiguous (stride 1)")
-    if weight.shape != (x.shape[1],) or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight: expected a {x.dtype} tensor of shape [{x.shape[1]}] on {x.device}, "
-                         f"got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    require_like("weight", weight, (x.shape[1],), x.dtype, x.device)
     if not weight.is_contiguous():
         raise ValueError("weight: must be contiguous")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}, "
-                             f"got {residual.dtype} {tuple(residual.shape)} on {residual.device}")
+        require_tensors(residual=residual)
+        require_like("residual", residual, x.shape, x.dtype, x.device)
         if residual.stride(1) != 1:
             raise ValueError("residual: the hidden dimension must be contiguous (stride 1)")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):

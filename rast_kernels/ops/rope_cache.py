@@ -26,9 +26,8 @@ import functools
 import torch
 
 from .. import _backends
+from ._checks import INDEX_DTYPES, require_float, require_tensors
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 LAUNCH_OPTIONS = dict(num_warps=1, enable_fp_fusion=False)  # the kernel's launch options (module docstring)
 
 
@@ -99,15 +98,13 @@ def _kernel():
 
 def _check(q, k, v, cos, sin, k_cache, v_cache, col):
     named = dict(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, col=col)
+    require_tensors(**named)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, q is on {q.device}")
     if q.dim() != 3:
         raise ValueError(f"q: expected a 3-D tensor [B, H_q, D], got shape {tuple(q.shape)}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q: dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    require_float("q", q)
     batch, _, dim = q.shape
     if dim % 2 or dim == 0:
         raise ValueError(f"q: the head dim must be even and > 0, got {dim}")
@@ -128,7 +125,7 @@ def _check(q, k, v, cos, sin, k_cache, v_cache, col):
                              f"{tuple(t.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
-    if col.dtype not in _INDEX_DTYPES:
+    if col.dtype not in INDEX_DTYPES:
         raise TypeError(f"col: expected an int32 or int64 tensor, got {col.dtype}")
     if col.dim() != 1 or col.shape[0] not in (1, batch):
         raise ValueError(f"col: expected shape [{batch}] or [1], got {tuple(col.shape)}")

@@ -12,8 +12,8 @@ import functools
 import torch
 
 from .. import _backends
+from ._checks import require_float, require_like, require_tensors
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024
 
 
@@ -56,16 +56,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     torch.Tensor
         ``[B, N]`` in the inputs' dtype.
     """
-    for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_tensors(gate=gate, up=up)
     if gate.dim() != 2:
         raise ValueError(f"gate: expected a 2-D tensor [B, N], got shape {tuple(gate.shape)}")
-    if gate.dtype not in _DTYPES:
-        raise TypeError(f"gate: dtype must be float32, bfloat16 or float16, got {gate.dtype}")
-    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
-        raise ValueError(f"up: expected a {gate.dtype} tensor of shape {tuple(gate.shape)} on {gate.device}, "
-                         f"got {up.dtype} {tuple(up.shape)} on {up.device}")
+    require_float("gate", gate)
+    require_like("up", up, gate.shape, gate.dtype, gate.device)
     for name, t in (("gate", gate), ("up", up)):
         if t.stride(1) != 1:
             raise ValueError(f"{name}: the last dimension must be contiguous (stride 1)")
