@@ -44,7 +44,6 @@ from common import copy_bandwidth, device_name, run_to_json, sync, utc_now, vers
 from peer_loop import peer_generate, peer_generate_single
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SYSTEMS = ("engine", "engine_hf_forward", "engine_sdpa", "engine_overlap", "peer_loop", "base_alone", "floor")
 # engine variants: system -> RastEngine keywords
 ENGINE_VARIANTS = {
     "engine": {},
@@ -52,6 +51,7 @@ ENGINE_VARIANTS = {
     "engine_sdpa": dict(fused_decode=False, attn_implementation="sdpa"),
     "engine_overlap": dict(overlap_models=True),
 }
+SYSTEMS = (*ENGINE_VARIANTS, "peer_loop", "base_alone", "floor")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -483,15 +483,14 @@ class RastEngine:
     def _lane_step(self, lane: _Lane, b: int, kv: int) -> torch.Tensor:
         """One model's decode forward for the first ``b`` rows: ``[b, V]`` logits on the sampling device."""
         lane.cache.kv_len = kv
-        extra = {}
         if lane.start is None:
             lane.mask[:b].index_fill_(3, lane.cache.write_pos, 0.0)  # unmask the new token's column
         else:  # the decode-attention kernel reads these bounds, not the mask
             lane.end[:b].copy_(lane.cache.write_pos.expand(b)).add_(1)  # the new token's column included
-            extra = dict(rast_start=lane.start[:b], rast_end=lane.end[:b])
         if lane.decoder is not None:
             lg = lane.decoder(lane.ids[:b], lane.pos[:b], lane.cache, lane.start[:b], lane.end[:b], kv)
         else:
+            extra = {} if lane.start is None else dict(rast_start=lane.start[:b], rast_end=lane.end[:b])
             lg = self._forward(lane, input_ids=lane.ids[:b], attention_mask=lane.mask[:b, :, :, :kv],
                                position_ids=lane.pos[:b], **extra)
         return lg.to(self.device, non_blocking=True)

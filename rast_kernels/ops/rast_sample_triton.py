@@ -145,27 +145,27 @@ def _philox_noise(cols, k0, k1, c1, c2, PRECISE: tl.constexpr):
 
 # ---------------------------------------------------------------------------- kernel 1: one chunk of a row
 @triton.jit
+def _row_float(row, ptr, val, FROM_TENSOR: tl.constexpr):
+    """A float parameter of row ``row``: element ``row`` of a ``[B]`` fp32 tensor when ``FROM_TENSOR``, else the
+    number given for all rows (cast: the interpreter types a tiny float as fp64)."""
+    if FROM_TENSOR:
+        x = tl.load(ptr + row)
+    else:
+        x = tl.cast(val, tl.float32)
+    return x
+
+
+@triton.jit
 def _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
                 TEMP_T: tl.constexpr, TOPK_T: tl.constexpr, TOPP_T: tl.constexpr, MINP_T: tl.constexpr):
     """The row's (temperature, top_k, top_p, min_p): element ``row`` of a ``[B]`` tensor where the flag is
-    set, else the number given for all rows (floats cast: the interpreter types a tiny float as fp64)."""
-    if TEMP_T:
-        temp = tl.load(temp_ptr + row)
-    else:
-        temp = tl.cast(temp_val, tl.float32)
+    set, else the number given for all rows."""
     if TOPK_T:
         k = tl.load(topk_ptr + row)
     else:
         k = topk_val
-    if TOPP_T:
-        p = tl.load(topp_ptr + row)
-    else:
-        p = tl.cast(topp_val, tl.float32)
-    if MINP_T:
-        m = tl.load(minp_ptr + row)
-    else:
-        m = tl.cast(minp_val, tl.float32)
-    return temp, k, p, m
+    return (_row_float(row, temp_ptr, temp_val, TEMP_T), k, _row_float(row, topp_ptr, topp_val, TOPP_T),
+            _row_float(row, minp_ptr, minp_val, MINP_T))
 
 
 @triton.jit
@@ -206,10 +206,7 @@ def _rast_chunk_kernel(
     chunk = tl.program_id(1)
     row64 = row.to(tl.int64)
     # per-row parameters: a [B] tensor (flag set) or one number for all rows
-    if ALPHA_T:
-        alpha = tl.load(alpha_ptr + row)
-    else:
-        alpha = tl.cast(alpha_val, tl.float32)  # (the interpreter types a tiny float as fp64)
+    alpha = _row_float(row, alpha_ptr, alpha_val, ALPHA_T)
     temp, k, p, m = _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
                                 TEMP_T, TOPK_T, TOPP_T, MINP_T)
     t_pos = temp > 0.0
