@@ -169,24 +169,26 @@ def _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val,
 
 
 @triton.jit
+def _row_words(row, ptr, lo, hi, FROM_TENSOR: tl.constexpr):
+    """(low, high) uint32 words of row ``row``'s int64: element ``row`` of a ``[B]`` tensor when ``FROM_TENSOR``,
+    else the host number given as two int32 halves."""
+    if FROM_TENSOR:
+        x = tl.load(ptr + row)
+        w0 = x.to(tl.uint32)
+        w1 = (x >> 32).to(tl.uint32)
+    else:
+        w0 = lo.to(tl.uint32, bitcast=True)
+        w1 = hi.to(tl.uint32, bitcast=True)
+    return w0, w1
+
+
+@triton.jit
 def _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T: tl.constexpr,
                 OFF_T: tl.constexpr):
     """The row's Philox key (k0, k1) = seed words and counter words (c1, c2) = offset words (uint32), from
     ``[B]`` int64 tensors or from host numbers split into 32-bit halves."""
-    if SEED_T:
-        s = tl.load(seed_ptr + row)
-        k0 = s.to(tl.uint32)
-        k1 = (s >> 32).to(tl.uint32)
-    else:
-        k0 = seed_lo.to(tl.uint32, bitcast=True)
-        k1 = seed_hi.to(tl.uint32, bitcast=True)
-    if OFF_T:
-        o = tl.load(off_ptr + row)
-        c1 = o.to(tl.uint32)
-        c2 = (o >> 32).to(tl.uint32)
-    else:
-        c1 = off_lo.to(tl.uint32, bitcast=True)
-        c2 = off_hi.to(tl.uint32, bitcast=True)
+    k0, k1 = _row_words(row, seed_ptr, seed_lo, seed_hi, SEED_T)
+    c1, c2 = _row_words(row, off_ptr, off_lo, off_hi, OFF_T)
     return k0, k1, c1, c2
 
 
