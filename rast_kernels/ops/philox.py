@@ -87,3 +87,23 @@ def exponential_noise(seed: torch.Tensor, offset: torch.Tensor, num_columns: int
     """``E[B, num_columns]`` fp32 Exp(1) variates for rows keyed by ``seed[B]``, ``offset[B]``."""
     cols = torch.arange(num_columns, dtype=torch.int64, device=seed.device)
     return exponential_from_words(random_words(seed, offset, cols))
+
+
+_MASK64 = (1 << 64) - 1
+SEED_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: SplitMix64's increment
+SEED_MUL1 = 0xBF58476D1CE4E5B9
+SEED_MUL2 = 0x94D049BB133111EB
+
+
+def mix_seed(seed: int, index: int) -> int:
+    """The package's one seed-mixing function: the int64 Philox seed of stream ``index`` under ``seed``.
+
+    SplitMix64's finaliser of ``seed + (index + 1) * 0x9E3779B97F4A7C15`` (mod 2^64), returned as a signed
+    int64 (two's complement). Distinct ``index`` values get unrelated streams, and the same ``(seed, index)``
+    always gets the same one. Used for the rows of :func:`rast_kernels.rast_sample` under a scalar ``seed``
+    (row ``b`` draws with ``mix_seed(seed, b)``) and for the engine's per-prompt and per-sample seeds."""
+    z = (int(seed) + (int(index) + 1) * SEED_GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * SEED_MUL1) & _MASK64
+    z = ((z ^ (z >> 27)) * SEED_MUL2) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >= (1 << 63) else z
