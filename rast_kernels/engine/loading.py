@@ -77,17 +77,19 @@ def resolve_dtype(dtype, device: torch.device) -> Optional[torch.dtype]:
     return dtype
 
 
-def load_model(spec, role: str, device: torch.device, dtype: Optional[torch.dtype], attn_implementation: str):
+def load_model(spec, role: str, device: torch.device, dtype: Optional[torch.dtype],
+               attn_implementation: Optional[str]):
     """A model id / local path (loaded with ``AutoModelForCausalLM``; ``HF_HUB_OFFLINE`` is honoured by
     transformers itself) or an already loaded ``PreTrainedModel``, which is moved/cast **in place**.
-    Returns the model on ``device`` in eval mode with ``attn_implementation`` set."""
+    Returns the model on ``device`` in eval mode with the attention of
+    :func:`choose_attn_implementation` set (read it back from ``model.config._attn_implementation``)."""
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
-    prepare_attn_implementation(attn_implementation)
+    if attn_implementation is not None:
+        prepare_attn_implementation(attn_implementation)  # a bad name fails before anything is loaded
     if isinstance(spec, (str, os.PathLike)):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                os.fspath(spec), dtype=dtype or torch.float32, attn_implementation=attn_implementation)
+        try:  # transformers' own default here (sdpa, or eager where the class refuses it); ours is set below
+            model = AutoModelForCausalLM.from_pretrained(os.fspath(spec), dtype=dtype or torch.float32)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{role}: cannot load a causal LM from {os.fspath(spec)!r}: {exc}") from exc
     elif isinstance(spec, PreTrainedModel):
@@ -98,15 +100,84 @@ def load_model(spec, role: str, device: torch.device, dtype: Optional[torch.dtyp
         raise ValueError(f"{role}: encoder-decoder models are not supported (need a causal LM)")
     if model.get_output_embeddings() is None:
         raise ValueError(f"{role}: {type(model).__name__} has no LM head (load it with AutoModelForCausalLM)")
-    set_attn_implementation(model, attn_implementation)
+    set_attn_implementation(model, choose_attn_implementation(model, attn_implementation, device, role), role)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def set_attn_implementation(model, attn_implementation: str) -> None:
-    """Point the model at ``attn_implementation`` (the one place the engine chooses attention)."""
+# the order in which choose_attn_implementation tries the implementations when none is requested
+ATTN_PREFERENCE = ("rast_decode", "sdpa", "eager")
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def attn_refusal(model, name: str) -> Optional[str]:
+    """Why ``model`` cannot run attention ``name`` with the engine's 4-D additive masks (None when it can).
+
+    * ``"eager"``: always possible (every class has it, and it computes everything: soft-capping included);
+    * ``"sdpa"``: the class must support SDPA (``_supports_sdpa``) and its config must not soft-cap the
+      attention logits (``attn_logit_softcapping``, e.g. Gemma2: SDPA cannot express it; transformers 5.24
+      raises, earlier versions may ignore it silently);
+    * ``"rast_decode"``: everything ``"sdpa"`` needs (prompts run SDPA) and the class must route attention
+      through transformers' ``ALL_ATTENTION_FUNCTIONS`` (``_can_set_attn_implementation()``, where that
+      exists) and pass the call's keyword arguments down to its attention layers
+      (``_supports_attention_backend``: the engine hands each row's cache range over as ``rast_start`` /
+      ``rast_end``); our kernel does no soft-capping either."""
+    if name == "eager":
+        return None
+    cls = type(model)
+    softcap = getattr(_text_config(model), "attn_logit_softcapping", None)
+    if softcap is not None:
+        return (f"its attention logits are soft-capped (attn_logit_softcapping={softcap}), which only 'eager' "
+                f"computes ({name!r} would ignore it or fail)")
+    if not getattr(cls, "_supports_sdpa", False):
+        what = "prompts run SDPA with 'rast_decode', and " if name == "rast_decode" else ""
+        return f"{what}{cls.__name__} does not support SDPA (_supports_sdpa is False)"
+    if name == "rast_decode":
+        can_set = getattr(cls, "_can_set_attn_implementation", None)
+        if callable(can_set) and not can_set():
+            return f"{cls.__name__} does not call transformers' attention interface (ALL_ATTENTION_FUNCTIONS)"
+        if not getattr(cls, "_supports_attention_backend", False):
+            return (f"{cls.__name__} does not pass the call's keyword arguments to its attention layers "
+                    "(_supports_attention_backend is False), so the kernel cannot get each row's cache range")
+    return None
+
+
+def choose_attn_implementation(model, requested: Optional[str], device, role: str) -> str:
+    """The attention ``model`` (the engine's ``role``) runs on ``device``.
+
+    ``requested`` None: the first of ``"rast_decode"`` (only on CUDA with Triton importable), ``"sdpa"``,
+    ``"eager"`` that :func:`attn_refusal` accepts. A name: that one, or ``ValueError`` naming ``role`` when
+    the model cannot run it (``"rast_decode"`` may be requested on CPU: the kernel then runs its PyTorch
+    reference, or Triton under ``TRITON_INTERPRET=1``); an unknown name: ``ValueError`` naming
+    ``attn_implementation``."""
+    if requested is not None:
+        prepare_attn_implementation(requested)
+        why = attn_refusal(model, requested)
+        if why is not None:
+            raise ValueError(f"{role}: attn_implementation={requested!r} is not possible: {why}; "
+                             f"use one of {[n for n in ATTN_PREFERENCE if attn_refusal(model, n) is None]}")
+        return requested
+    from .. import _backends
+
+    kernel_ok = torch.device(device).type == "cuda" and _backends.has_triton()
+    for name in ATTN_PREFERENCE:
+        if name == "rast_decode" and not kernel_ok:
+            continue
+        if attn_refusal(model, name) is None:
+            return name
+    raise AssertionError("unreachable: eager is always possible")  # pragma: no cover
+
+
+def set_attn_implementation(model, attn_implementation: str, role: Optional[str] = None) -> None:
+    """Point the model at ``attn_implementation`` (the engine's choice for that model); ``ValueError``
+    (naming ``role``) when transformers does not switch it (a class that cannot change its attention after
+    construction only logs a warning)."""
     prepare_attn_implementation(attn_implementation)
     if getattr(model.config, "_attn_implementation", None) == attn_implementation:
         return
@@ -114,6 +185,10 @@ def set_attn_implementation(model, attn_implementation: str) -> None:
         model.set_attn_implementation(attn_implementation)
     else:  # pragma: no cover - older transformers
         model.config._attn_implementation = attn_implementation
+    now = getattr(model.config, "_attn_implementation", None)
+    if now != attn_implementation:
+        raise ValueError(f"{role or 'model'}: {type(model).__name__} stays on attention {now!r}; it cannot be "
+                         f"switched to {attn_implementation!r} after construction")
 
 
 def check_sliding_window(model, role: str, max_seq_len: int) -> None:
