@@ -1,10 +1,10 @@
 """rast_kernels: fused kernels and a decoding engine for RAST (arXiv 2506.15710)."""
 __version__ = "0.1.0"
 
-from .engine import GenerationOutput, RastEngine, rast_generate
+from .engine import GenerationOutput, RastEngine, SamplingParams, rast_generate
 from .ops import (add_rms_norm, decode_attention, decode_attention_reference, rast_sample,
                   rast_sample_reference, rope_cache_write, silu_mul)
 
-__all__ = ["GenerationOutput", "RastEngine", "add_rms_norm", "decode_attention",
+__all__ = ["GenerationOutput", "RastEngine", "SamplingParams", "add_rms_norm", "decode_attention",
            "decode_attention_reference", "rast_generate", "rast_sample", "rast_sample_reference", "rope_cache_write",
            "silu_mul", "__version__"]

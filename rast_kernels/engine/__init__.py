@@ -1,6 +1,9 @@
-"""The three-model lockstep decoding engine and ``rast_generate``."""
+"""The three-model lockstep decoding engine (paged KV, continuous batching) and ``rast_generate``."""
+from ..ops.philox import mix_seed
 from .api import clear_engine_cache, get_engine, rast_generate
-from .engine import RastEngine, row_seed
+from .engine import RastEngine
 from .outputs import GenerationOutput
+from .sampling_params import SamplingParams, sample_seed
 
-__all__ = ["GenerationOutput", "RastEngine", "clear_engine_cache", "get_engine", "rast_generate", "row_seed"]
+__all__ = ["GenerationOutput", "RastEngine", "SamplingParams", "clear_engine_cache", "get_engine", "mix_seed",
+           "rast_generate", "sample_seed"]

@@ -32,23 +32,25 @@ def _settings_key(value):
 
 
 def rast_generate(prompts, *, base, expert, expert_base, tokenizer=None, dtype=None, devices=None,
-                  max_batch_size: int = 8, max_seq_len: int = 4096, use_cuda_graph: bool = True,
-                  attn_implementation: Optional[str] = None, fused_decode: Optional[bool] = None,
-                  overlap_models: bool = False, **generate_kwargs):
+                  max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_tokens: Optional[int] = None,
+                  block_size: int = 16, use_cuda_graph: bool = True, attn_implementation: Optional[str] = None,
+                  fused_decode: Optional[bool] = None, overlap_models: bool = False, **generate_kwargs):
     """Generate with RAST: ``z = z_base + alpha * (z_expert - z_expert_base)`` at every step.
 
     Builds a :class:`RastEngine` from ``base``, ``expert``, ``expert_base`` (model ids, local paths or
     loaded ``PreTrainedModel`` objects) and the engine settings (``tokenizer``, ``dtype``, ``devices``,
-    ``max_batch_size``, ``max_seq_len``, ``use_cuda_graph``, ``attn_implementation``, ``fused_decode``,
-    ``overlap_models``), caches it (the last two distinct configurations; keyed by the model paths / object
-    identities and the settings) and calls :meth:`RastEngine.generate` with ``prompts`` and
-    ``generate_kwargs`` (``alpha``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``,
-    ``stop``, ``eos_token_id``, ``seed``, ``return_logprobs``, ``progress``).
+    ``max_batch_size``, ``max_seq_len``, ``kv_cache_tokens``, ``block_size``, ``use_cuda_graph``,
+    ``attn_implementation``, ``fused_decode``, ``overlap_models``), caches it (the last two distinct
+    configurations; keyed by the model paths / object identities and the settings) and calls
+    :meth:`RastEngine.generate` with ``prompts`` and ``generate_kwargs`` (``sampling_params``, or ``alpha``,
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``, ``stop``, ``eos_token_id``, ``n``,
+    ``return_logprobs``; and ``seed``, ``progress``).
 
-    Returns ``list[GenerationOutput]``, one per prompt (``[]`` for an empty list).
+    Returns ``list[GenerationOutput]``, one per (prompt, sample), prompt-major (``[]`` for an empty list).
     """
     engine = get_engine(base, expert, expert_base, tokenizer=tokenizer, dtype=dtype, devices=devices,
-                        max_batch_size=max_batch_size, max_seq_len=max_seq_len, use_cuda_graph=use_cuda_graph,
+                        max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_tokens=kv_cache_tokens,
+                        block_size=block_size, use_cuda_graph=use_cuda_graph,
                         attn_implementation=attn_implementation, fused_decode=fused_decode,
                         overlap_models=overlap_models)
     return engine.generate(prompts, **generate_kwargs)

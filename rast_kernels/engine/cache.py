@@ -1,63 +1,109 @@
-"""The engine's static KV cache: one per model, preallocated, written where the engine says.
+"""The engine's paged KV cache: a host block allocator shared by the models, and one device block pool per model.
 
-Hugging Face's ``StaticCache`` changed how it tracks its write position between transformers 5.17
-(the GPU machine) and 5.24 (CI), so the engine uses this small ``Cache`` subclass instead. Its only
-contract with the model code is ``update(key_states, value_states, layer_idx, ...)`` (same in 5.17..5.24)
-and returning the full ``[B, H, max_seq_len, D]`` buffers; masking is done by the 4-D attention mask
-the engine passes (transformers returns a 4-D mask as-is), so no mask-size bookkeeping is needed.
+Owns
+----
+* :class:`BlockAllocator` (host): ``num_blocks`` physical blocks of ``block_size`` token slots, a free list and a
+  reference count per block (the full prompt blocks of ``n`` samples are shared read-only). Every model of the
+  engine holds the same token positions, so one block id addresses the same slots in every model's pool and one
+  block table per sequence serves all of them (as in the official RAST code's vLLM fork).
+* :class:`PagedKVCache` (device, one per model): per layer a key pool and a value pool
+  ``[num_blocks + 1, block_size, H_kv, D]`` (vLLM's flash layout). Token slot ``s = block * block_size + offset``,
+  so ``pool.view(-1, H_kv, D)`` is the flat slot view every write uses. The extra last block is scratch: rows that
+  are inert (finished, or empty slots of a captured CUDA graph) and prompt padding write there, and nothing reads
+  it, so no op needs a "skip" value.
+* The transformers ``Cache`` adapter (the same object): ``update(key, value, layer)`` writes the call's keys and
+  values to :attr:`PagedKVCache.write_slots` and returns, in prefill mode, the call's own keys/values (the prompt
+  block: the 4-D mask the engine passes hides the left padding), in decode mode the row's cache gathered through
+  :attr:`PagedKVCache.gather_index` ``[b, L]`` into a dense ``[b, H_kv, L, D]`` view, which every attention
+  implementation reads with the engine's additive mask. The engine's fused decode forward reads the pools directly
+  (:func:`rast_kernels.ops.paged_attention.paged_decode_attention`) and needs no gather.
 
-Layout: rows are left padded to the batch's longest prompt ``P``; the prompt fills columns ``[0, P)``
-and the ``t``-th decode step writes column ``P + t`` for every row, at the index held in the device
-tensor :attr:`EngineKVCache.write_pos` (advanced in place, so a captured CUDA graph replays correctly).
-A decode step attends to the first :attr:`EngineKVCache.kv_len` columns only: the engine picks that
-length per call (a power-of-two bucket covering prompt + new tokens), so short generations do not pay
-for attention over the whole preallocated cache.
+Invariants: pools are allocated once (:meth:`PagedKVCache.allocate`, before any graph capture); the index tensors
+are engine-owned device buffers written in place, so a captured graph replays with new values.
 """
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-class _EngineLayer(CacheLayerMixin):
-    """One layer's keys/values ``[max_batch, H_kv, max_seq_len, D]``; allocated on the first update
-    (the prefill, which always runs before any graph capture)."""
+class BlockAllocator:
+    """Host-side free list and reference counts of ``num_blocks`` blocks (ids ``0 .. num_blocks - 1``)."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
+        self._free: List[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refs = [0] * self.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks holding ``num_tokens`` token slots."""
+        return -(-int(num_tokens) // self.block_size)
+
+    def allocate(self, count: int) -> Optional[List[int]]:
+        """``count`` fresh blocks (reference count 1), or None (nothing taken) when fewer are free."""
+        if count > len(self._free):
+            return None
+        out = [self._free.pop() for _ in range(count)]
+        for b in out:
+            self._refs[b] = 1
+        return out
+
+    def share(self, blocks) -> None:
+        """One more holder of each of ``blocks``."""
+        for b in blocks:
+            assert self._refs[b] > 0, f"block {b} is free"
+            self._refs[b] += 1
+
+    def release(self, blocks) -> None:
+        """Drop one holder of each of ``blocks``; a block nobody holds goes back to the free list."""
+        for b in blocks:
+            assert self._refs[b] > 0, f"block {b} released twice"
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+
+class _PagedLayer(CacheLayerMixin):
+    """One layer's pools; ``keys``/``values`` are the pools themselves ``[num_blocks + 1, BS, H_kv, D]``."""
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, owner: "EngineKVCache"):
+    def __init__(self, owner: "PagedKVCache"):
         super().__init__()
         self.owner = owner
 
-    def lazy_initialization(self, key_states, value_states):
-        o = self.owner
-        self.device = key_states.device
-        self.keys = torch.zeros((o.max_batch_size_, key_states.shape[1], o.max_seq_len, key_states.shape[-1]),
-                                dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros((o.max_batch_size_, value_states.shape[1], o.max_seq_len, value_states.shape[-1]),
-                                  dtype=value_states.dtype, device=value_states.device)
-        self.is_initialized = True
+    def lazy_initialization(self, key_states, value_states):  # pools are allocated by PagedKVCache.allocate
+        raise RuntimeError("PagedKVCache: allocate() the pools before the first forward")
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        b, q = key_states.shape[0], key_states.shape[-2]
-        keys, values = self.keys[:b], self.values[:b]
-        if self.owner.prefill:
-            # prefill (eager, host-known length): the prompt block goes to columns [0, q)
-            keys[:, :, :q].copy_(key_states)
-            values[:, :, :q].copy_(value_states)
-            return keys[:, :, :q], values[:, :, :q]  # nothing else is valid yet: attend to the block only
-        else:
-            # decode: one column at the device-held index (no host read, graph-safe)
-            keys.index_copy_(2, self.owner.write_pos, key_states)
-            values.index_copy_(2, self.owner.write_pos, value_states)
-        kv = self.owner.kv_len  # columns attended this call (host-fixed per generate call, graph-safe)
-        return keys[:, :, :kv], values[:, :, :kv]
+        o = self.owner
+        b, h, q, d = key_states.shape
+        if tuple(self.keys.shape[2:]) != (h, d):  # host-side shapes: sized from the config, checked on use
+            raise ValueError(f"PagedKVCache: the model produced keys with {h} heads x {d} dims, the pool was sized "
+                             f"for {self.keys.shape[2]} x {self.keys.shape[3]} from its config")
+        k_flat, v_flat = self.keys.view(-1, h, d), self.values.view(-1, h, d)
+        # [b, H, q, D] -> [b * q, H, D] rows in slot order of write_slots ([b * q], pads -> the scratch slot)
+        k_flat.index_copy_(0, o.write_slots, key_states.transpose(1, 2).reshape(b * q, h, d))
+        v_flat.index_copy_(0, o.write_slots, value_states.transpose(1, 2).reshape(b * q, h, d))
+        if o.prefill:
+            return key_states, value_states  # the prompt block; the 4-D mask hides the left padding
+        idx = o.gather_index  # [b, L] slots of positions 0 .. L-1 (past a row's length: the scratch slot)
+        return k_flat[idx].transpose(1, 2), v_flat[idx].transpose(1, 2)  # [b, H_kv, L, D]
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs):
-        return self.owner.max_seq_len, 0
+        return self.owner.mask_len, 0
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.owner.seq_length
@@ -68,36 +114,53 @@ class _EngineLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:
         return self.owner.max_seq_len
 
-    def reset(self) -> None:
-        if self.is_initialized:
-            self.keys.zero_()
-            self.values.zero_()
 
-
-class EngineKVCache(Cache):
-    """Static KV cache for one model of the engine.
+class PagedKVCache(Cache):
+    """One model's block pools, usable as a transformers ``Cache`` (module docstring).
 
     Parameters
     ----------
     num_layers : int
-        Decoder layers of the model (``config.num_hidden_layers``).
-    max_batch_size, max_seq_len : int
-        Rows and columns preallocated per layer.
-    device : torch.device
-        The model's device; holds :attr:`write_pos`, an int64 ``[1]`` tensor with the column the next
-        decode step writes.
+        Decoder layers with a KV cache.
+    num_blocks, block_size : int
+        Blocks in the pool (the scratch block comes on top) and token slots per block.
+    max_seq_len : int
+        The per-sequence limit (what the model code is told the cache can hold).
     """
 
-    def __init__(self, num_layers: int, max_batch_size: int, max_seq_len: int, device):
-        self.max_batch_size_ = int(max_batch_size)
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, max_seq_len: int):
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
         self.max_seq_len_ = int(max_seq_len)
+        self.scratch_slot = self.num_blocks * self.block_size  # first slot of the scratch block
         self.prefill = False
-        self.seq_length = 0  # host-side bookkeeping only, for model code that asks
-        self.kv_len = int(max_seq_len)  # decode attends to columns [0, kv_len) (set by the engine per call)
-        self.write_pos = torch.zeros(1, dtype=torch.int64, device=device)
-        super().__init__(layers=[_EngineLayer(self) for _ in range(num_layers)])
+        self.seq_length = 0  # host bookkeeping for model code that asks; positions come from position_ids
+        self.mask_len = self.max_seq_len_
+        self.write_slots: Optional[torch.Tensor] = None   # [b * q] int64 slots of this call's tokens
+        self.gather_index: Optional[torch.Tensor] = None  # [b, L] int64 slots read at decode
+        super().__init__(layers=[_PagedLayer(self) for _ in range(num_layers)])
 
-    # transformers exposes max_cache_len / max_batch_size as read-only properties on Cache
+    def allocate(self, num_kv_heads, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Allocate the pools (zeros, so stale slots are finite). ``num_kv_heads``: an int or one per layer."""
+        heads = num_kv_heads if isinstance(num_kv_heads, (list, tuple)) else [num_kv_heads] * len(self.layers)
+        for layer, h in zip(self.layers, heads):
+            shape = (self.num_blocks + 1, self.block_size, int(h), int(head_dim))
+            layer.keys = torch.zeros(shape, dtype=dtype, device=device)
+            layer.values = torch.zeros(shape, dtype=dtype, device=device)
+            layer.device, layer.dtype, layer.is_initialized = torch.device(device), dtype, True
+
+    def bytes_per_token(self) -> int:
+        """KV bytes one token slot takes in this model (all layers, keys and values)."""
+        return sum(2 * l.keys[0, 0].numel() * l.keys.element_size() for l in self.layers)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks ``src[i] -> dst[i]`` (int64 device tensors) in every layer (copy-on-write of a
+        shared partial block)."""
+        for layer in self.layers:
+            layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
+            layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+
+    # transformers exposes these as read-only properties on Cache
     @property
     def max_seq_len(self) -> int:
         return self.max_seq_len_
@@ -107,32 +170,22 @@ class EngineKVCache(Cache):
         return self.max_seq_len_
 
     @property
-    def max_batch_size(self) -> int:
-        return self.max_batch_size_
-
-    @property
     def is_compileable(self) -> bool:
         return True
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Write the new keys/values ``[b, H, q, D]`` of ``layer_idx``; return the layer's
-        ``[b, H, q, D]`` prompt block in prefill mode, else the first :attr:`kv_len` columns
-        ``[b, H, kv_len, D]`` (padding and unwritten columns are masked by the engine's attention mask)."""
+        """Write ``[b, H, q, D]`` keys/values of ``layer_idx`` to :attr:`write_slots`; return the prompt block
+        (prefill) or the gathered ``[b, H, L, D]`` cache (decode)."""
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
-        return self.max_seq_len_, 0
+        return self.mask_len, 0
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_seq_len_
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_seq_len_
-
-    def zero_(self) -> None:
-        """Zero every allocated buffer (so stale columns from an earlier call are finite)."""
-        for layer in self.layers:
-            layer.reset()

@@ -1,189 +1,146 @@
-"""``RastEngine``: the base, the expert and the expert base decoded in lockstep.
+"""``RastEngine``: the base, the expert and the expert base decoded in lockstep, serving requests continuously.
 
-Every step the three models read the same token, :func:`rast_kernels.rast_sample` turns their three
-logit rows into one token per row (``z = z_base + alpha * (z_expert - z_expert_base)``, then
-temperature / top-k / top-p / min-p), and that token is fed back to all three.
+Every decode step the three models read the same token per row, :func:`rast_kernels.rast_sample` turns their three
+logit rows into one token per row (``z = z_base + alpha * (z_expert - z_expert_base)``, then temperature / top-k /
+top-p / min-p, each row with its own request's settings), and that token is fed back to all three.
 
-Layout and state (all preallocated, all updated in place on the device):
+How the pieces fit (one module per job):
 
-* each model has an :class:`~rast_kernels.engine.cache.EngineKVCache` of ``max_batch_size x max_seq_len``;
-  prompts are left padded to the batch's longest prompt ``P`` (prompt block in columns ``[0, P)``), the
-  ``t``-th decode step writes column ``P + t`` of every row; a row's position ids count its real tokens
-  only and a 4-D additive mask hides padding and unwritten columns, so a row's tokens do not depend on
-  the other prompts;
-* the decode step (three forwards, ``rast_sample``, bookkeeping: write the token into the output buffer,
-  feed it to the three input buffers, advance positions / cache columns / sampler offsets, set per-row
-  ``done`` on EOS, ``max_new_tokens`` or a sampler error, keep finished rows inert) reads no value back
-  to the host. On CUDA with ``use_cuda_graph=True`` it is captured once per batch-size bucket
-  (1, 2, 4, ... up to ``max_batch_size``; batches are padded with inert copies of their first row) and
-  attended-length bucket (decode attends to the first ``kv`` cache columns, ``kv`` = the next power of
-  two >= 64 covering prompt + new tokens, capped at ``max_seq_len``) and replayed; the host polls
-  ``done`` every :attr:`RastEngine.poll_interval` steps with a non-blocking copy to pinned memory (read
-  one poll later, so the GPU queue never drains) and checks stop strings then. On CPU, with
-  ``use_cuda_graph=False``, or when the models sit on different devices, the very same step function
-  runs eagerly;
-* a decode forward is either the model's own ``forward`` (with ``attn_implementation``) or, with
-  ``fused_decode`` (the CUDA default for Llama/Qwen2/Mistral), :class:`~.fused_decode.FusedDecoder`: the
-  same math with about a quarter of the kernel launches. Prompts always use the model's ``forward``.
+* :mod:`.sampling_params` — :class:`SamplingParams`, a request's validated settings, and how a sample's seed derives
+  from its request's;
+* :mod:`.scheduler` — the host: waiting queue, decode slots, block accounting, admission, preemption, compaction;
+* :mod:`.cache` — the paged KV cache: one block pool per model, one block table per sequence serving all three;
+* :mod:`.device_step` — the device: per-slot state, prefill, the decode step and its CUDA graphs, host snapshots;
+* :mod:`.detokenize` — incremental text and stop strings;
+* this module — construction (models, tokenizer, pool size) and the public API: :meth:`RastEngine.add_request`,
+  :meth:`~RastEngine.step`, :meth:`~RastEngine.run`, :meth:`~RastEngine.abort_request`, and
+  :meth:`~RastEngine.generate` / :meth:`~RastEngine.stream` built on them.
 
-Seeds: row ``i`` of ``prompts`` draws with seed ``mix(seed, i)`` (a SplitMix64 hash; or ``seed[i]`` as
-given when ``seed`` is a list) and Philox offset = the index of the generated token, so a prompt's
-output depends only on its text, its seed and the sampling settings, never on the rest of the batch.
+A request's tokens depend only on its prompt, its settings and its seed (the sampler's random numbers are keyed by
+``(seed, offset = token index, column)``; each row's attention reads only its own blocks): not on the arrival
+order, the other requests, the slot it got, the block size, the pool size, or preemption (a preempted sequence is
+recomputed from its prompt plus the tokens it had, and continues with the tokens it would have produced), up to
+floating-point differences between batch shapes, which change a token only where two candidates tie to within
+rounding.
+
+The host loop (:meth:`RastEngine.step`): reserve blocks for the next ``poll_interval`` decode steps (preempting the
+newest sequence when the pool runs out), launch them (graph replays on CUDA, no host synchronisation), take a
+non-blocking snapshot of the rows' counts and last tokens, read the previous snapshot (on CUDA one window late, so
+the GPU queue never drains), finish sequences (EOS, length, sampler error, stop string) and free their slots and
+blocks at once, move the running rows to the lowest slots, and admit waiting requests (batched prefill).
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 import sys
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import torch
 
 from .. import _backends
-from ..ops.rast_sample import _check_param, rast_sample
-from .cache import EngineKVCache
-from .fused_decode import FusedDecoder, unsupported_reason
-from .loading import (ROLES, cache_kwarg, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
-                      load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype,
-                      set_attn_implementation)
+from ..ops.philox import mix_seed
+from .cache import BlockAllocator
+from .detokenize import IncrementalText, final_text
+from .device_step import EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
+from .fused_decode import unsupported_reason
+from .loading import (ROLES, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
+                      load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype)
 from .outputs import GenerationOutput
+from .sampling_params import FIELDS as PARAM_FIELDS
+from .sampling_params import MAX_EOS_IDS, SamplingParams, sample_seed
+from .scheduler import FINISHED, RUNNING, Request, Scheduler, Sequence
 
-# per-row finish codes held on the device
-_RUNNING, _EOS, _LENGTH, _ERROR = 0, 1, 2, 3
-_MAX_EOS_IDS = 16
-_MASK64 = (1 << 64) - 1
-
-
-def row_seed(seed: int, index: int) -> int:
-    """The int64 Philox seed of prompt ``index`` for a call with ``seed`` (SplitMix64 finaliser of
-    ``seed + index * golden``): distinct rows get unrelated streams, and the same (seed, index) always
-    gets the same one."""
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return z - (1 << 64) if z >= (1 << 63) else z
+_GPU_RESERVE_BYTES = 1 << 30  # kept free beyond the KV pool on CUDA: activations, graphs, the sampler workspace
 
 
-@dataclass
-class _Lane:
-    """One model with its cache and its static input buffers (on the model's device)."""
-
-    role: str
-    model: torch.nn.Module
-    device: torch.device
-    cache: EngineKVCache
-    ids: torch.Tensor     # [max_batch, 1] int64: the token each row reads next
-    pos: torch.Tensor     # [max_batch, 1] int64: its position id
-    mask: torch.Tensor    # [max_batch, 1, 1, max_seq_len] additive mask (model dtype) for decode
-    cache_arg: str        # "cache" (transformers >= 5.2x) or "past_key_values"
-    logits_to_keep: bool  # forward accepts logits_to_keep
-    start: Optional[torch.Tensor] = None  # [max_batch] int64 first valid cache column (bounds mode only)
-    end: Optional[torch.Tensor] = None    # [max_batch] int64 one past the last valid column
-    decoder: Optional[FusedDecoder] = None  # the engine's own decode forward (fused_decode), else transformers'
-
-
-class _State:
-    """The sampler's and the bookkeeping's device buffers, ``[max_batch]`` unless noted."""
-
-    def __init__(self, max_batch: int, max_seq_len: int, device):
-        f32, i64 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int64, device=device)
-        self.alpha = torch.zeros(max_batch, **f32)
-        self.temperature = torch.zeros(max_batch, **f32)
-        self.top_p = torch.ones(max_batch, **f32)
-        self.min_p = torch.zeros(max_batch, **f32)
-        self.top_k = torch.zeros(max_batch, **i64)
-        self.seed = torch.zeros(max_batch, **i64)
-        self.offset = torch.zeros(max_batch, **i64)
-        self.tok = torch.zeros(max_batch, **i64)
-        self.max_new = torch.ones(max_batch, **i64)
-        self.n_gen = torch.zeros(max_batch, **i64)
-        self.finish = torch.zeros(max_batch, **i64)
-        self.err_step = torch.full((max_batch,), -1, **i64)
-        self.done = torch.zeros(max_batch, dtype=torch.bool, device=device)
-        self.eos_ids = torch.full((_MAX_EOS_IDS,), -2, **i64)  # -2 never matches a token
-        self.step = torch.zeros(1, **i64)  # index of the token the next sample produces
-        self.out_tokens = torch.full((max_batch, max_seq_len), -1, **i64)  # [max_batch, max_seq_len]
-        self.out_lp = torch.zeros((max_batch, max_seq_len), **f32)
+def _int_arg(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}: must be >= {low}, got {value}")
+    return int(value)
 
 
 class RastEngine:
-    """Three causal LMs decoded in lockstep with the fused RAST sampler.
+    """Three causal LMs decoded in lockstep with the fused RAST sampler, from a paged KV cache.
 
     Parameters
     ----------
     base, expert, expert_base : str, os.PathLike or transformers.PreTrainedModel
-        Model id / local path (``AutoModelForCausalLM``; ``HF_HUB_OFFLINE`` is honoured) or a loaded
-        model, which is moved/cast **in place**, put in eval mode and switched to ``attn_implementation``
-        (with ``fused_decode``, its q/k/v and gate/up weights also become row views of one concatenated
-        tensor each: same values, no extra memory).
-        ``expert=None, expert_base=None`` decodes the base model alone with the same machinery (static
-        cache, CUDA graph, fused sampler; ``alpha`` is then irrelevant): the baseline RAST is measured
-        against. Models of different families are fine as long as they share the
-        tokenizer's token-id mapping and their embedding / LM-head widths are ``>= len(tokenizer)``
-        (wider, padded heads are normal: columns past ``len(tokenizer)`` are never sampled).
+        Model id / local path (``AutoModelForCausalLM``; ``HF_HUB_OFFLINE`` is honoured) or a loaded model, which
+        is moved/cast **in place**, put in eval mode and switched to its attention implementation (with
+        ``fused_decode``, its q/k/v and gate/up weights also become row views of one concatenated tensor each:
+        same values, no extra memory). ``expert=None, expert_base=None`` decodes the base model alone with the
+        same machinery (the baseline RAST is measured against). Models of different families are fine as long as
+        they share the tokenizer's token-id mapping and their embedding / LM-head widths are ``>= len(tokenizer)``.
     tokenizer : tokenizer, str or None
-        The shared tokenizer (object, id or path). Default: the one saved with the models. Every
-        tokenizer found (given and saved with the models) must map the same tokens to the same ids,
-        else ``ValueError`` naming the first difference.
+        The shared tokenizer (object, id or path). Default: the one saved with the models; every tokenizer found
+        must map the same tokens to the same ids, else ``ValueError`` naming the first difference.
     dtype : torch.dtype, str or None
         None: bfloat16 on CUDA; on CPU a loaded model keeps its dtype and a path loads in float32.
     devices : None, device or dict
-        ``{"base": ..., "expert": ..., "expert_base": ...}``; default: all on the first GPU, else CPU.
-        Logit rows are moved to the base model's device for sampling. Models on different devices
-        run eagerly (their forwards still overlap: no host synchronisation per step).
-    max_batch_size, max_seq_len : int
-        Preallocated KV-cache rows and columns per model (prompt + ``max_new_tokens`` must fit).
-        Larger batches are processed in chunks of ``max_batch_size``.
+        ``{"base": ..., "expert": ..., "expert_base": ...}``; default: all on the first GPU, else CPU. Logit rows
+        are moved to the base model's device for sampling; models on different devices run eagerly.
+    max_batch_size : int
+        Decode slots: sequences decoded at once (more requests wait in the queue).
+    max_seq_len : int
+        Per-sequence limit: prompt + ``max_new_tokens`` must fit (equal is fine). At least 2.
+    kv_cache_tokens : int or None
+        Token slots of each model's KV block pool. Default on CUDA: what fits in
+        ``gpu_memory_utilization * total memory`` after the weights and 1 GiB of headroom, at most
+        ``max_batch_size * max_seq_len``; on CPU: ``max_batch_size * max_seq_len``.
+    block_size : int
+        Token slots per KV block (default 16).
+    gpu_memory_utilization : float
+        In ``(0, 1]``: the share of the GPU's memory the engine may fill (CUDA pool default only).
+    scheduling : {"continuous", "static"}
+        ``"continuous"`` (default): requests join and leave the running batch at every poll; ``"static"``: the
+        fixed-batch behaviour (a batch runs to its end, each sequence holds ``max_seq_len`` slots), kept as the
+        baseline of ``benchmarks/bench_serving.py``.
+    max_prefill_tokens : int or None
+        Padded prompt tokens per batched prefill (default ``max(2048, max_seq_len)``).
     use_cuda_graph : bool
         Capture the decode step in CUDA graphs (CUDA only, all models on one device).
-    attn_implementation : {None, "sdpa", "eager", "rast_decode"}
-        The attention the engine's models use (the one place it is chosen). ``None`` (default):
-        ``"rast_decode"`` when the base model is on CUDA and Triton is importable, else ``"sdpa"``;
-        pass ``"sdpa"`` to turn the decode-attention kernel off. The engine passes 4-D
-        additive masks; with ``"rast_decode"`` decode steps run :mod:`rast_kernels.engine.attention`'s
-        kernel over each row's valid cache range (prompts still use SDPA).
+    attn_implementation : {None, "rast_decode", "sdpa", "eager"}
+        The attention transformers' forward uses (prompts always; decode steps without ``fused_decode``). None:
+        per model, the best its class supports (:func:`~.loading.choose_attn_implementation`); a name the class
+        refuses is a ``ValueError`` naming the role.
     fused_decode : bool or None
-        Decode steps through :class:`~rast_kernels.engine.fused_decode.FusedDecoder` (the models' own
-        weights, fused residual-add + RMSNorm, rotary + cache write, SiLU-mul and the decode-attention kernel:
-        about a quarter of transformers' kernel launches) instead of the models' ``forward``. ``None``
-        (default): on when the base model is on CUDA, Triton is importable and every model is a supported
-        family (Llama, Qwen2, Mistral); ``True`` requires it (``ValueError`` naming an unsupported model; on
-        CPU it runs the same math with PyTorch ops); ``False``: transformers' forward with
-        ``attn_implementation``. Prompts always go through transformers' forward.
+        Decode steps through :class:`~rast_kernels.engine.fused_decode.FusedDecoder` (the models' own weights,
+        fused residual-add + RMSNorm, rotary + cache write, SiLU-mul and the paged decode-attention kernel). None
+        (default): on when the base model is on CUDA, Triton is importable and every model is a supported family
+        (Llama, Qwen2, Mistral); True requires it (``ValueError`` naming an unsupported model; on CPU it runs the
+        same math with PyTorch ops); False: transformers' forward over a gathered view of the blocks.
     overlap_models : bool
-        Run the expert's and the expert base's decode forwards on their own CUDA streams, concurrently with
-        the base model's (the small models' many short kernels can then hide under the base model's
-        weight reads); the graph captures the three branches and joins them before the sampler. Same
-        kernels, same tokens. CUDA with all models on one device only; ignored otherwise. Default off
-        until measured (``benchmarks/bench_decode.py`` times it as ``engine_overlap``).
+        Run the expert's and the expert base's decode forwards on their own CUDA streams (joined before the
+        sampler). CUDA with all models on one device only; ignored otherwise. Default off until measured.
     """
 
-
     def __init__(self, base, expert, expert_base, *, tokenizer=None, dtype=None, devices=None,
-                 max_batch_size: int = 8, max_seq_len: int = 4096, use_cuda_graph: bool = True,
+                 max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_tokens: Optional[int] = None,
+                 block_size: int = 16, gpu_memory_utilization: float = 0.9, scheduling: str = "continuous",
+                 max_prefill_tokens: Optional[int] = None, use_cuda_graph: bool = True,
                  attn_implementation: Optional[str] = None, fused_decode: Optional[bool] = None,
                  overlap_models: bool = False):
-        for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-            if v < 1:
-                raise ValueError(f"{name}: must be >= 1, got {v}")
-        if max_seq_len < 2:
+        self.max_batch_size = _int_arg("max_batch_size", max_batch_size, 1)
+        self.max_seq_len = _int_arg("max_seq_len", max_seq_len, 1)
+        if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len: must be >= 2 (one prompt token and one new token), got {max_seq_len}")
+        self.block_size = _int_arg("block_size", block_size, 1)
+        if kv_cache_tokens is not None:
+            kv_cache_tokens = _int_arg("kv_cache_tokens", kv_cache_tokens, self.block_size)
+        self.max_prefill_tokens = max(2048, self.max_seq_len) if max_prefill_tokens is None else \
+            _int_arg("max_prefill_tokens", max_prefill_tokens, 1)
+        if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, numbers.Real) \
+                or not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be a number in (0, 1], got {gpu_memory_utilization!r}")
         for name, v, none_ok in (("use_cuda_graph", use_cuda_graph, False), ("fused_decode", fused_decode, True),
                                  ("overlap_models", overlap_models, False)):
             if not isinstance(v, bool) and not (none_ok and v is None):
                 raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
-        self.max_batch_size = int(max_batch_size)
-        self.max_seq_len = int(max_seq_len)
         self.devices = resolve_devices(devices)
-        if attn_implementation is None:
-            on_cuda = self.devices["base"].type == "cuda"
-            attn_implementation = "rast_decode" if on_cuda and _backends.has_triton() else "sdpa"
-        self.attn_implementation = attn_implementation
         self.device = self.devices["base"]  # where sampling and bookkeeping run
 
         if (expert is None) != (expert_base is None):
@@ -194,10 +151,9 @@ class RastEngine:
         for role in self.roles:
             dev = self.devices[role]
             self.models[role] = load_model(specs[role], role, dev, resolve_dtype(dtype, dev), attn_implementation)
-        for role in self.roles:
             check_sliding_window(self.models[role], role, self.max_seq_len)
+        self.attn = {role: self.models[role].config._attn_implementation for role in self.roles}
 
-        # tokenizers: the given one and any saved with the models must agree
         found = {}
         if tokenizer is not None:
             found["the given"] = load_tokenizer(tokenizer, "tokenizer")
@@ -217,61 +173,67 @@ class RastEngine:
 
         reasons = {role: unsupported_reason(self.models[role]) for role in self.roles}
         if fused_decode is None:
-            fused_decode = self.device.type == "cuda" and _backends.has_triton() and \
-                not any(reasons.values())
+            fused_decode = self.device.type == "cuda" and _backends.has_triton() and not any(reasons.values())
         elif fused_decode:
             for role, why in reasons.items():
                 if why is not None:
                     raise ValueError(f"{role}: fused_decode=True does not support this model: {why}")
         self.fused_decode = fused_decode
-        # the decode-attention kernel reads each row's valid cache range instead of the mask
-        self._bounds = attn_implementation == "rast_decode" or fused_decode
-        self.lanes = [self._make_lane(role) for role in self.roles]
-        self.state = _State(self.max_batch_size, self.max_seq_len, self.device)
-        one_device = len({lane.device for lane in self.lanes}) == 1
+
+        one_device = len({self.devices[r] for r in self.roles}) == 1
         self.use_cuda_graph = bool(use_cuda_graph and self.device.type == "cuda" and one_device)
-        # lane i > 0 runs on its own stream (None: the current stream)
-        overlap = overlap_models and self.device.type == "cuda" and one_device and len(self.lanes) > 1
+        overlap = bool(overlap_models and self.device.type == "cuda" and one_device and len(self.roles) > 1)
         self.overlap_models = overlap
-        self._streams = [None] + [torch.cuda.Stream(self.device) if overlap else None for _ in self.lanes[1:]]
-        # pad batches to graph buckets only when graphs are used (eager runs exactly the rows it has);
-        # tests may set it to exercise inert padding rows on CPU
-        self.pad_to_buckets = self.use_cuda_graph
-        # host polls of `done`/tokens: every `poll_interval` steps; with `defer_polls` a poll's copy is
-        # read one poll later (CUDA: the queue never drains). On CPU every step, read at once.
+
+        self.kv_cache_tokens = kv_cache_tokens or self._default_pool_tokens(gpu_memory_utilization)
+        num_blocks = self.kv_cache_tokens // self.block_size
+        self.allocator = BlockAllocator(num_blocks, self.block_size)
+        lanes = [make_lane(role, self.models[role], self.devices[role], self.attn[role], num_blocks, self.block_size,
+                           self.max_seq_len, fused_decode) for role in self.roles]
+        max_blocks = -(-self.max_seq_len // self.block_size)
+        self.runner = StepRunner(lanes, self.max_batch_size, max_blocks, self.block_size, self.max_seq_len,
+                                 self.vocab_size, self.use_cuda_graph, overlap)
+        self.scheduler = Scheduler(self.max_batch_size, self.allocator, self.max_seq_len, scheduling)
+        # host polls: every `poll_interval` decode steps; with `defer_polls` a snapshot is read one window later
+        # (CUDA: the queue never drains). On CPU every step, read at once.
         on_cuda = self.device.type == "cuda"
         self.poll_interval = 4 if on_cuda else 1
         self.defer_polls = on_cuda
-        self._graphs: dict = {}
-        self._keepalive: list = []  # buffers captured graphs point into (see _reserve_sampler_workspace)
-        self._graph_pool = None
-        self.buckets = sorted({min(1 << i, self.max_batch_size) for i in range(self.max_batch_size.bit_length() + 1)})
+        self._pending = None
+        self._requests: dict = {}
+        self._num_requests = 0  # requests made so far (ids, arrival order, default seeds)
+        self.tokens_generated = 0
 
     # ------------------------------------------------------------------ setup
-    def _make_lane(self, role: str) -> _Lane:
-        model, dev = self.models[role], self.devices[role]
-        cfg = model.config
-        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        n_layers = getattr(text_cfg, "num_hidden_layers", None)
-        if n_layers is None:
-            raise ValueError(f"{role}: config has no num_hidden_layers")
-        params = inspect.signature(model.forward).parameters
-        try:
-            cache_arg = cache_kwarg(model)
-        except ValueError as exc:
-            raise ValueError(f"{role}: {exc}") from None
-        mdtype = next(model.parameters()).dtype
-        B, S = self.max_batch_size, self.max_seq_len
-        return _Lane(
-            role=role, model=model, device=dev,
-            cache=EngineKVCache(n_layers, B, S, dev),
-            ids=torch.zeros(B, 1, dtype=torch.int64, device=dev),
-            pos=torch.zeros(B, 1, dtype=torch.int64, device=dev),
-            mask=torch.zeros(B, 1, 1, S, dtype=mdtype, device=dev),
-            cache_arg=cache_arg, logits_to_keep="logits_to_keep" in params,
-            start=torch.zeros(B, dtype=torch.int64, device=dev) if self._bounds else None,
-            end=torch.zeros(B, dtype=torch.int64, device=dev) if self._bounds else None,
-            decoder=FusedDecoder(model) if self.fused_decode else None)
+    @property
+    def lanes(self):
+        return self.runner.lanes
+
+    @property
+    def pad_to_buckets(self) -> bool:
+        """Pad the decode batch to the graph buckets (always with CUDA graphs; tests set it to exercise inert
+        padding rows eagerly)."""
+        return self.runner.pad_to_buckets
+
+    @pad_to_buckets.setter
+    def pad_to_buckets(self, value: bool) -> None:
+        self.runner.pad_to_buckets = bool(value)
+
+    def _default_pool_tokens(self, utilization: float) -> int:
+        cap = self.max_batch_size * self.max_seq_len
+        if self.device.type != "cuda":
+            return cap
+        per_token = 0
+        for role in self.roles:
+            layers, kv, head_dim = kv_geometry(self.models[role])
+            per_token += 2 * layers * kv * head_dim * next(self.models[role].parameters()).element_size()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * utilization - (total - free) - _GPU_RESERVE_BYTES
+        tokens = int(budget // per_token) // self.block_size * self.block_size
+        if tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens: no room for a KV pool on {self.device} ({free / 2**30:.1f} GiB free "
+                             f"of {total / 2**30:.1f}, gpu_memory_utilization={utilization}); pass kv_cache_tokens")
+        return min(tokens, cap)
 
     def _model_eos_ids(self) -> list:
         ids = []
@@ -282,7 +244,7 @@ class RastEngine:
             for i in (c if isinstance(c, (list, tuple)) else [c]):
                 if i is not None and 0 <= int(i) < self.vocab_size and int(i) not in ids:
                     ids.append(int(i))
-        return ids[:_MAX_EOS_IDS]
+        return ids[:MAX_EOS_IDS]
 
     # ------------------------------------------------------------------ input handling
     def _normalize_prompts(self, prompts) -> list:
@@ -314,459 +276,336 @@ class RastEngine:
             rows.append(ids)
         return rows
 
-    def _sampling_settings(self, n_prompts, alpha, temperature, top_k, top_p, min_p, max_new_tokens, stop,
-                           eos_token_id, seed, return_logprobs) -> dict:
-        cpu = torch.device("cpu")
-        s = {name: _check_param(name, value, 1, cpu) for name, value in
-             dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p).items()}
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-            raise TypeError(f"max_new_tokens: expected an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        s["max_new_tokens"] = int(max_new_tokens)
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
-            raise TypeError("stop: expected None, a str or a list of str")
-        if any(x == "" for x in stop):
-            raise ValueError("stop: stop strings must be non-empty")
-        s["stop"] = list(stop)
-        if eos_token_id is None:
-            eos = list(self._default_eos)
+    def _make_request(self, ids: List[int], params: SamplingParams, seed: int, name: str, index: int) -> Request:
+        """A validated :class:`Request` (``name``: how errors call the prompt, e.g. ``prompts[3]``)."""
+        if len(ids) + params.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"{name}: {len(ids)} prompt tokens + max_new_tokens={params.max_new_tokens} exceed "
+                             f"max_seq_len={self.max_seq_len}")
+        need = self.scheduler.blocks_to_fit(len(ids) + params.max_new_tokens - 1)
+        if need > self.allocator.num_blocks:
+            raise ValueError(f"{name}: {len(ids)} prompt tokens + max_new_tokens={params.max_new_tokens} need {need} "
+                             f"KV blocks of {self.block_size}, the pool has {self.allocator.num_blocks} "
+                             f"(kv_cache_tokens={self.kv_cache_tokens})")
+        eos = self._default_eos if params.eos_token_id is None else list(params.eos_token_id)
+        for e in eos:
+            if e >= self.vocab_size:
+                raise ValueError(f"eos_token_id: {e} outside [0, {self.vocab_size})")
+        number, self._num_requests = self._num_requests, self._num_requests + 1
+        req = Request(request_id=f"req-{number}", prompt=ids, params=params.with_seed(seed), eos=tuple(eos),
+                      prompt_index=index, arrival=number)
+        req.sequences = [Sequence(request=req, sample_index=j, seed=sample_seed(seed, j)) for j in range(params.n)]
+        for seq in req.sequences:
+            seq.detok = IncrementalText(self._decode, params.stop)
+        return req
+
+    def _params_list(self, count: int, sampling_params, seed, kwargs) -> List[tuple]:
+        """``[(params, seed)]`` for ``count`` prompts from ``sampling_params`` (one, a list, or None: built from
+        ``kwargs``) and the ``seed`` keyword (an int: prompt ``i`` gets ``mix_seed(seed, i)`` unless its params
+        carry a seed; a list: one seed per prompt)."""
+        if sampling_params is None:
+            unknown = set(kwargs) - set(PARAM_FIELDS)
+            if unknown:
+                raise TypeError(f"unexpected keyword(s) {sorted(unknown)}")
+            sampling_params = SamplingParams(**kwargs)
+        elif kwargs:
+            raise TypeError(f"{sorted(kwargs)}: give either sampling_params or these keywords, not both")
+        if isinstance(sampling_params, SamplingParams):
+            plist = [sampling_params] * count
+        elif isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != count:
+                raise ValueError(f"sampling_params: a list needs one SamplingParams per prompt ({count}), "
+                                 f"got {len(sampling_params)}")
+            plist = list(sampling_params)
+            for i, p in enumerate(plist):
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling_params[{i}]: expected a SamplingParams, got {type(p).__name__}")
         else:
-            eos = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool) \
-                else eos_token_id
-            if not isinstance(eos, (list, tuple)) or not all(
-                    isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in eos):
-                raise TypeError("eos_token_id: expected None, an int or a list of ints ([] disables EOS)")
-            if len(eos) > _MAX_EOS_IDS:
-                raise ValueError(f"eos_token_id: at most {_MAX_EOS_IDS} ids, got {len(eos)}")
-            for e in eos:
-                if not 0 <= e < self.vocab_size:
-                    raise ValueError(f"eos_token_id: {e} outside [0, {self.vocab_size})")
-        s["eos"] = [int(e) for e in eos]
+            raise TypeError(f"sampling_params: expected a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
         if isinstance(seed, (list, tuple)):
-            if len(seed) != n_prompts:
-                raise ValueError(f"seed: a list needs one seed per prompt ({n_prompts}), got {len(seed)}")
-            seeds = [_check_param("seed", x, 1, cpu) for x in seed]
+            if len(seed) != count:
+                raise ValueError(f"seed: a list needs one seed per prompt ({count}), got {len(seed)}")
+            seeds = [SamplingParams(seed=s).seed for s in seed]  # validated as SamplingParams.seed
         else:
-            seeds = [row_seed(_check_param("seed", seed, 1, cpu), i) for i in range(n_prompts)]
-        s["seeds"] = seeds
-        if not isinstance(return_logprobs, bool):
-            raise TypeError(f"return_logprobs: expected a bool, got {type(return_logprobs).__name__}")
-        s["return_logprobs"] = return_logprobs
-        return s
+            base = SamplingParams(seed=seed).seed
+            seeds = [mix_seed(base, i) for i in range(count)]
+        return [(p, p.seed if p.seed is not None else s) for p, s in zip(plist, seeds)]
 
-    def _check_lengths(self, rows, max_new_tokens: int) -> None:
-        for i, ids in enumerate(rows):
-            if len(ids) + max_new_tokens > self.max_seq_len:
-                raise ValueError(f"prompts[{i}]: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} "
-                                 f"exceed max_seq_len={self.max_seq_len}")
+    # ------------------------------------------------------------------ public API: requests
+    def add_request(self, prompt, sampling_params: Optional[SamplingParams] = None, **kwargs) -> str:
+        """Queue one prompt (a string or a flat list of token ids) with its settings (a :class:`SamplingParams`, or
+        its fields as keywords); returns the request id. Everything is validated here, before anything runs.
+        ``seed=None`` (the default) gives the ``r``-th request of this engine ``mix_seed(0, r)``."""
+        rows = self._normalize_prompts(prompt)
+        if len(rows) != 1:
+            raise ValueError(f"prompt: add_request takes one prompt, got {len(rows)}")
+        if sampling_params is None:
+            sampling_params = SamplingParams(**kwargs)
+        elif kwargs:
+            raise TypeError(f"{sorted(kwargs)}: give either sampling_params or these keywords, not both")
+        elif not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params: expected a SamplingParams, got {type(sampling_params).__name__}")
+        seed = sampling_params.seed if sampling_params.seed is not None else mix_seed(0, self._num_requests)
+        req = self._make_request(rows[0], sampling_params, seed, "prompt", 0)
+        self._enqueue([req])
+        return req.request_id
 
-    # ------------------------------------------------------------------ device work
-    def _forward(self, lane: _Lane, **kwargs):
-        kwargs[lane.cache_arg] = lane.cache
-        out = lane.model(use_cache=True, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, -1, :]
+    def _enqueue(self, requests: List[Request]) -> None:
+        for req in requests:
+            self._requests[req.request_id] = req
+            self.scheduler.add(req)
 
-    def _prefill(self, b: int, rows: list, settings: dict, seeds: list) -> None:
-        """Reset the state for a batch of ``b`` rows (``rows`` real ones, the rest inert copies of row 0),
-        run the three prompt forwards, and sample token 0."""
-        n = len(rows)
-        rows = rows + [rows[0]] * (b - n)
-        lens = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        P = int(lens.max())
-        ids_host = torch.zeros(b, P, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            ids_host[i, P - len(r):] = torch.tensor(r, dtype=torch.int64)
-        pad = P - lens
-        logits = []
-        for lane in self.lanes:
-            dev, mdtype = lane.device, lane.mask.dtype
-            neg = torch.finfo(mdtype).min
-            k = torch.arange(P, device=dev)
-            padd = pad.to(dev)
-            real = k.unsqueeze(0) >= padd.unsqueeze(1)                        # [b, P] real (non-pad) columns
-            pos = (real.long().cumsum(1) - 1).clamp(min=0)
-            # query q sees key k <= q among its row's real tokens; a pad query sees itself only, so no
-            # softmax row is empty (NaN-free cache even in pad columns)
-            allowed = (k.view(1, 1, P) <= k.view(1, P, 1)) & real.unsqueeze(1)
-            allowed |= torch.eye(P, dtype=torch.bool, device=dev).unsqueeze(0)
-            mask4 = torch.zeros(b, 1, P, P, dtype=mdtype, device=dev).masked_fill_(~allowed.unsqueeze(1), neg)
-            lane.cache.zero_()
-            lane.cache.prefill, lane.cache.seq_length = True, 0
-            extra = {"logits_to_keep": 1} if lane.logits_to_keep else {}
-            try:
-                lg = self._forward(lane, input_ids=ids_host.to(dev), attention_mask=mask4, position_ids=pos, **extra)
-            finally:
-                lane.cache.prefill = False
-            lane.cache.seq_length = P
-            logits.append(lg.to(self.device))
-            # decode mask: the row's real prompt columns; each decode step unmasks its own column
-            kk = torch.arange(self.max_seq_len, device=dev)
-            valid = (kk.unsqueeze(0) >= padd.unsqueeze(1)) & (kk.unsqueeze(0) < P)
-            lane.mask[:b].copy_(torch.where(valid, 0.0, neg).to(mdtype).view(b, 1, 1, -1))
-            # the bookkeeping advances these by one: position of token 0 = prompt length, column P
-            lane.pos[:b, 0].copy_((lens - 1).to(dev))
-            lane.cache.write_pos.fill_(P - 1)
-            if lane.start is not None:
-                lane.start[:b].copy_(padd)
+    def has_unfinished_requests(self) -> bool:
+        return any(not r.finished for r in self._requests.values())
 
-        st = self.state
-        for name in ("alpha", "temperature", "top_k", "top_p", "min_p"):
-            getattr(st, name)[:b].fill_(settings[name])
-        st.seed[:b].copy_(torch.tensor(seeds + [seeds[0]] * (b - n), dtype=torch.int64))
-        st.offset[:b].zero_()
-        st.max_new[:b].fill_(settings["max_new_tokens"])
-        st.n_gen[:b].zero_()
-        st.finish[:b].fill_(_RUNNING)
-        st.err_step[:b].fill_(-1)
-        st.done[:b].copy_(torch.arange(b) >= n)  # padding rows are inert from the start
-        eos = settings["eos"]
-        st.eos_ids.fill_(-2)
-        if eos:
-            st.eos_ids[:len(eos)].copy_(torch.tensor(eos, dtype=torch.int64))
-        st.step.zero_()
-        self._sample_and_update(b, *_three(logits))
-
-    def _sample_and_update(self, b: int, base_logits, expert_logits, expert_base_logits) -> None:
-        """Sample one token per row and do the bookkeeping; device-only (graph-capturable)."""
-        st = self.state
-        tok, lp = rast_sample(
-            base_logits, expert_logits, expert_base_logits,
-            alpha=st.alpha[:b], temperature=st.temperature[:b], top_k=st.top_k[:b], top_p=st.top_p[:b],
-            min_p=st.min_p[:b], vocab_size=self.vocab_size, seed=st.seed[:b], offset=st.offset[:b],
-            out=st.tok[:b], return_logprobs=True)
-        done = st.done[:b]
-        active = ~done
-        ok = tok >= 0
-        good = active & ok
-        st.out_tokens[:b].index_copy_(1, st.step, torch.where(active, tok, -1).unsqueeze(1))
-        st.out_lp[:b].index_copy_(1, st.step, lp.unsqueeze(1))
-        n_gen = st.n_gen[:b]
-        n_gen.add_(good.long())
-        eos = good & (tok.unsqueeze(1) == st.eos_ids.unsqueeze(0)).any(1)
-        length = good & ~eos & (n_gen >= st.max_new[:b])
-        err = active & ~ok
-        finish = st.finish[:b]
-        finish.copy_(torch.where(err, _ERROR, torch.where(eos, _EOS, torch.where(length, _LENGTH, finish))))
-        st.err_step[:b].copy_(torch.where(err, st.step.expand(b), st.err_step[:b]))
-        done.logical_or_(err | eos | length)
-        feed = torch.where(ok, tok, 0)  # a -1 row is finished; feed it any valid id
-        for lane in self.lanes:
-            lane.ids[:b, 0].copy_(feed, non_blocking=True)
-            lane.pos[:b].add_(1)
-            lane.cache.write_pos.add_(1).clamp_(max=self.max_seq_len - 1)
-        st.step.add_(1)
-        st.offset[:b].add_(1)
-
-    def _decode_step(self, b: int, kv: int) -> None:
-        """One lockstep decode step for the first ``b`` rows attending to cache columns ``[0, kv)``
-        (the function the CUDA graphs capture, one per ``(b, kv)``)."""
-        logits = []
-        main = torch.cuda.current_stream(self.device) if self.overlap_models else None
-        for lane, stream in zip(self.lanes, self._streams):
-            if stream is None:
-                logits.append(self._lane_step(lane, b, kv))
-            else:  # fork: the side stream sees this step's inputs (written on the main stream) first
-                stream.wait_stream(main)
-                with torch.cuda.stream(stream):
-                    logits.append(self._lane_step(lane, b, kv))
-        for stream in self._streams:
-            if stream is not None:
-                main.wait_stream(stream)  # join before the sampler reads the logits
-        self._sample_and_update(b, *_three(logits))
-
-    def _lane_step(self, lane: _Lane, b: int, kv: int) -> torch.Tensor:
-        """One model's decode forward for the first ``b`` rows: ``[b, V]`` logits on the sampling device."""
-        lane.cache.kv_len = kv
-        if lane.start is None:
-            lane.mask[:b].index_fill_(3, lane.cache.write_pos, 0.0)  # unmask the new token's column
-        else:  # the decode-attention kernel reads these bounds, not the mask
-            lane.end[:b].copy_(lane.cache.write_pos.expand(b)).add_(1)  # the new token's column included
-        if lane.decoder is not None:
-            lg = lane.decoder(lane.ids[:b], lane.pos[:b], lane.cache, lane.start[:b], lane.end[:b], kv)
-        else:
-            extra = {} if lane.start is None else dict(rast_start=lane.start[:b], rast_end=lane.end[:b])
-            lg = self._forward(lane, input_ids=lane.ids[:b], attention_mask=lane.mask[:b, :, :, :kv],
-                               position_ids=lane.pos[:b], **extra)
-        return lg.to(self.device, non_blocking=True)
-
-    def _ensure_graph(self, b: int, kv: int):
-        """Capture the decode step for batch bucket ``b`` and attended length ``kv`` (once): a throw-away
-        prefill allocates the caches and sets valid indices, warm-up steps run on a side stream, then one
-        step is captured. The real prefill that follows resets every buffer the warm-up touched."""
-        if (b, kv) in self._graphs:
-            return self._graphs[b, kv]
-        self._reserve_sampler_workspace()
-        dummy = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=1, eos=[])
-        self._prefill(b, [[0]] * b, dummy, [0] * b)
-        self.state.done[:b].zero_()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_step(b, kv)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # one memory pool for all of this engine's graphs: a step keeps nothing alive in it between
-        # replays (all state lives in the static buffers allocated outside), and replays never overlap
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._decode_step(b, kv)
-        torch.cuda.synchronize(self.device)
-        self._graphs[b, kv] = graph
-        return graph
-
-    def _reserve_sampler_workspace(self) -> None:
-        """The Triton sampler keeps one cached workspace per device and grows it when a call needs more.
-        A captured graph holds its raw pointer, so: size it for every bucket before the first capture (no
-        growth between our captures), and keep a reference to the buffer each graph uses (if some other
-        caller grows it later, the old buffer stays alive for our replays instead of being reused)."""
-        try:
-            from ..ops import rast_sample_triton as rst
-        except ImportError:  # no Triton: the sampler has no shared workspace
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now: its sequences finish with ``finish_reason="abort"``, their slots and blocks are free
+        at once (unknown or finished ids are ignored)."""
+        req = self._requests.get(request_id)
+        if req is None:
             return
-        for bucket in self.buckets:
-            rst.reserve_workspace(bucket, self.vocab_size, self.device, True)
-        self._keepalive.append(rst._WORKSPACE.get(self.device))
-
-    def _kv_bucket(self, need: int) -> int:
-        """Attended cache length for a call needing ``need`` columns: the next power of two (>= 64),
-        capped at ``max_seq_len``. Graph and eager paths use the same value, so they do the same math."""
-        return min(self.max_seq_len, max(64, 1 << (need - 1).bit_length()))
-
-    def _bucket(self, n: int) -> int:
-        if not self.pad_to_buckets:
-            return n
-        return next(x for x in self.buckets if x >= n)
-
-    # ------------------------------------------------------------------ host loop
-    def _snapshot(self, b: int, lo: int, hi: int):
-        """Start copying ``n_gen``, ``done`` and output columns ``[lo, hi)`` to the host; returns a
-        (host tensor [b, 2 + hi - lo], event or None)."""
-        st = self.state
-        stage = torch.cat([st.n_gen[:b].unsqueeze(1), st.done[:b].long().unsqueeze(1), st.out_tokens[:b, lo:hi]], 1)
-        if self.device.type != "cuda":
-            return stage, None
-        host = torch.empty(stage.shape, dtype=stage.dtype, pin_memory=True)
-        host.copy_(stage, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return host, event
-
-    def _run_batch(self, rows: list, seeds: list, settings: dict, poll_every: int, defer: bool):
-        """Generator: decode one batch (<= max_batch_size rows). Yields the host's token lists after each
-        poll; returns the list of :class:`GenerationOutput`."""
-        n = len(rows)
-        b = self._bucket(n)
-        max_steps = settings["max_new_tokens"]
-        stops = settings["stop"]
-        eos_ids = set(settings["eos"])
-        kv = self._kv_bucket(max(len(r) for r in rows) + max_steps)
-        for lane in self.lanes:  # another engine sharing a model object may have switched its attention
-            set_attn_implementation(lane.model, self.attn_implementation)
-        graph = self._ensure_graph(b, kv) if self.use_cuda_graph else None
-        self._prefill(b, rows, settings, seeds)
-        host_tokens = [[] for _ in range(n)]
-        host_done = [False] * n
-        stopped = [False] * n
-        steps, polled, pending = 1, 0, None
-
-        def process(snap, lo):
-            data, event = snap
-            if event is not None:
-                event.synchronize()
-            data = data.tolist()
-            for i in range(n):
-                if host_done[i]:
-                    continue
-                for t in data[i][2:]:
-                    if t < 0 or t in eos_ids:  # -1: nothing sampled; an EOS id ends the row, excluded
-                        break
-                    host_tokens[i].append(t)
-                if data[i][1]:
-                    host_done[i] = True
-                elif stops and not stopped[i] and _find_stop(self._decode(host_tokens[i]), stops)[0] >= 0:
-                    # stop string seen: finish the row on the device (a tiny fill, no host sync)
-                    stopped[i] = True
-                    self.state.done[i:i + 1].fill_(True)
-
-        while True:
-            if steps % poll_every == 0 or steps >= max_steps:
-                snap = self._snapshot(b, polled, steps)
-                lo, polled = polled, steps
-                if defer and steps < max_steps:
-                    if pending is not None:
-                        process(*pending)
-                    pending = (snap, lo)
-                else:
-                    if pending is not None:
-                        process(*pending)
-                        pending = None
-                    process(snap, lo)
-                yield steps, host_tokens
-                if all(host_done[i] or stopped[i] for i in range(n)) or steps >= max_steps:
-                    break
-            if graph is not None:
-                graph.replay()
+        for seq in req.sequences:
+            if seq.status == FINISHED:
+                continue
+            if seq.status == RUNNING:
+                self.runner.mark_done([seq.slot])
             else:
-                self._decode_step(b, kv)
-            steps += 1
-        return self._finalize(n, steps, settings)
+                self.scheduler.remove_waiting(seq)
+            seq.finish_reason = "abort"
+            self._finish(seq)
+        self._requests.pop(request_id, None)
 
-    def _finalize(self, n: int, steps: int, settings: dict) -> list:
-        st = self.state
-        tokens = st.out_tokens[:n, :steps].cpu().tolist()
-        lps = st.out_lp[:n, :steps].cpu().tolist()
-        n_gen = st.n_gen[:n].cpu().tolist()
-        finish = st.finish[:n].cpu().tolist()
-        err_step = st.err_step[:n].cpu().tolist()
-        outs = []
-        for i in range(n):
-            toks, lp = tokens[i][:n_gen[i]], lps[i][:n_gen[i]]
-            reason, stop_reason, error = "length", None, None
-            if finish[i] == _EOS:
-                stop_reason = toks[-1]
-                toks, lp = toks[:-1], lp[:-1]
-                reason = "stop"
-            elif finish[i] == _ERROR:
-                reason = "error"
-                error = (f"rast_sample returned -1 at decode step {err_step[i]} (generated token {err_step[i]}): "
-                         "the combined logits held NaN/+inf, every token was masked, or a sampling parameter "
-                         "was out of range")
-            text = None
-            if settings["stop"]:
-                k, s = _stop_prefix(self._decode, toks, settings["stop"])
-                if k is not None:
-                    full = self._decode(toks[:k])
-                    text = full[:_find_stop(full, settings["stop"])[0]]
-                    toks, lp = toks[:k], lp[:k]
-                    reason, stop_reason, error = "stop", s, None
-            if text is None:
-                text = self._decode(toks)
-            outs.append(GenerationOutput(
-                text=text, token_ids=toks, num_prompt_tokens=0, finish_reason=reason, stop_reason=stop_reason,
-                error=error, logprobs=lp if settings["return_logprobs"] else None))
-        return outs
+    def stats(self) -> dict:
+        """Counts for monitoring: requests running / waiting, KV blocks used / total, tokens generated."""
+        return dict(running=self.scheduler.num_running, waiting=len(self.scheduler.waiting),
+                    kv_blocks_used=self.allocator.num_used, kv_blocks_total=self.allocator.num_blocks,
+                    block_size=self.block_size, tokens_generated=self.tokens_generated)
+
+    def step(self) -> List[GenerationOutput]:
+        """One scheduling iteration (module docstring). Returns one :class:`GenerationOutput` per sequence that got
+        new tokens or finished since the last call (``finished`` tells which; a running one holds its tokens so far
+        and the text that can no longer change)."""
+        updates: dict = {}
+        with torch.no_grad():
+            sched, runner = self.scheduler, self.runner
+            if self._pending is not None and self._pending.ready():
+                self._process(self._pending, updates)
+                self._pending = None
+            launched = None
+            if sched.num_running and any(s.status == RUNNING for s in sched.running):
+                k = self.poll_interval
+                grown = {s: len(s.blocks) for s in sched.running}
+                slots_before = {s: s.slot for s in sched.running}
+                preempted = sched.reserve_decode(k)
+                runner.mark_done([slots_before[s] for s in preempted])
+                runner.set_blocks([(s.slot, j, s.blocks[j]) for s, n in grown.items() if s.slot is not None
+                                   for j in range(n, len(s.blocks))])
+                b = sched.active_rows()
+                need = max(min(s.kv_upper + k, s.max_kv + 1) for s in sched.running)
+                runner.decode(b, kv_bucket(need, self.max_seq_len), k)
+                for s in sched.running:
+                    s.kv_upper = min(s.kv_upper + k, s.max_kv)
+                owners = [(s, s.epoch) if s is not None else (None, 0) for s in sched.slots[:b]]
+                launched = runner.snapshot(b, owners)
+            if self._pending is not None:
+                self._process(self._pending, updates)
+                self._pending = None
+            if launched is not None:
+                if self.defer_polls:
+                    self._pending = launched
+                else:
+                    self._process(launched, updates)
+            runner.move_slots(sched.compact())
+            groups = sched.admit(self.max_prefill_tokens)
+            if groups:
+                self._prefill(groups)
+        return [self._output(s) for s in updates]
+
+    def run(self) -> Iterator[GenerationOutput]:
+        """Step until every queued request is finished, yielding each finished sequence's output as it finishes."""
+        while self.scheduler.has_work() or self._pending is not None:
+            for out in self.step():
+                if out.finished:
+                    yield out
+
+    # ------------------------------------------------------------------ host side of a step
+    def _prefill(self, groups) -> None:
+        slots, fields, blocks = [], {n: [] for n in ("alpha", "temperature", "top_k", "top_p", "min_p", "seed",
+                                                     "n_gen", "max_new", "tok", "pos", "finish", "err_step",
+                                                     "done", "eos")}, []
+        for g in groups:
+            for seq in g.sequences:
+                p = seq.request.params
+                slots.append(seq.slot)
+                blocks.append(seq.blocks)
+                for name, value in (("alpha", p.alpha), ("temperature", p.temperature), ("top_k", p.top_k),
+                                    ("top_p", p.top_p), ("min_p", p.min_p), ("seed", seq.seed),
+                                    ("n_gen", len(seq.tokens)), ("max_new", p.max_new_tokens), ("tok", 0),
+                                    ("pos", len(g.context)), ("finish", 0), ("err_step", -1), ("done", False),
+                                    ("eos", seq.request.eos)):
+                    fields[name].append(value)
+        self.runner.load_slots(slots, fields, blocks)
+        self.runner.prefill([g.context for g in groups], [g.sequences[0].blocks for g in groups],
+                            [[s.slot for s in g.sequences] for g in groups], [c for g in groups for c in g.copies])
+
+    def _process(self, snap, updates: dict) -> None:
+        """Read a snapshot: new tokens, finished rows, stop strings."""
+        ints, lps = snap.read()
+        for i, (seq, epoch) in enumerate(snap.owners):
+            if seq is None or seq.epoch != epoch or seq.status != RUNNING:
+                continue  # an empty slot, or the sequence left it since (preempted, aborted, stopped)
+            n_gen, done, finish, err_step = ints[i][:4]
+            ring = ints[i][4:]
+            start = len(seq.tokens)
+            if n_gen - start > RING:
+                raise RuntimeError(f"engine: {n_gen - start} tokens between two reads exceed the ring of {RING}")
+            new = [ring[t % RING] for t in range(start, n_gen)]
+            new_lp = [lps[i][t % RING] for t in range(start, n_gen)]
+            if done and finish == EOS:  # the ending EOS id is not part of the output
+                seq.stop_reason = new.pop()
+                new_lp.pop()
+            if new:
+                seq.tokens.extend(new)
+                seq.logprobs.extend(new_lp)
+                self.tokens_generated += len(new)
+                updates[seq] = True
+            stopped = seq.detok.extend(new)
+            if done:
+                if finish == EOS:
+                    seq.finish_reason = "stop"
+                elif finish == LENGTH:
+                    seq.finish_reason = "length"
+                elif finish == ERROR:
+                    seq.finish_reason = "error"
+                    seq.error = (f"rast_sample returned -1 at decode step {err_step} (generated token {err_step}): the "
+                                 "combined logits held "
+                                 "NaN/+inf, every token was masked, or a sampling parameter was out of range")
+                else:
+                    raise RuntimeError(f"engine: slot {i} is done with finish code {finish}")
+            elif stopped:
+                seq.finish_reason = "stop"
+                self.runner.mark_done([seq.slot])  # it may still run in a queued window: its extra tokens are cut
+            else:
+                continue
+            self._finish(seq)
+            updates[seq] = True
+
+    def _finish(self, seq: Sequence) -> None:
+        stops = seq.request.params.stop
+        text, toks, stop = final_text(self._decode, seq.tokens, stops)
+        if stop is not None:  # a stop string: the text and the tokens end there, whatever ended the row
+            seq.finish_reason, seq.stop_reason, seq.error = "stop", stop, None
+            seq.logprobs = seq.logprobs[:len(toks)]
+            seq.tokens = toks
+        seq.final_text = text
+        self.scheduler.finish(seq)
+
+    def _output(self, seq: Sequence) -> GenerationOutput:
+        req = seq.request
+        finished = seq.status == FINISHED
+        return GenerationOutput(
+            text=seq.final_text if finished else seq.detok.stable(), token_ids=list(seq.tokens),
+            num_prompt_tokens=len(req.prompt), finish_reason=seq.finish_reason if finished else None,
+            stop_reason=seq.stop_reason if finished else None, error=seq.error,
+            logprobs=list(seq.logprobs) if req.params.return_logprobs else None, request_id=req.request_id,
+            prompt_index=req.prompt_index, sample_index=seq.sample_index, finished=finished)
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    # ------------------------------------------------------------------ public API
-    def generate(self, prompts, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                 max_new_tokens: int = 256, stop=None, eos_token_id=None, seed=0, return_logprobs: bool = False,
-                 progress: Optional[bool] = None) -> list:
-        """Generate for each prompt.
+    # ------------------------------------------------------------------ public API: batch helpers
+    def generate(self, prompts, sampling_params=None, *, seed=0, progress: Optional[bool] = None,
+                 **kwargs) -> List[GenerationOutput]:
+        """Generate for each prompt, all requests fed to the engine at once (continuous batching).
 
         Parameters
         ----------
         prompts : str, list[str], list[int] or list[list[int]]
-            One prompt (a string or a flat list of token ids) or several. Strings are tokenized with
-            the tokenizer's special tokens (e.g. BOS). A prompt with no tokens raises ``ValueError``
-            (``""`` does unless the tokenizer adds a BOS token). An empty list returns ``[]``.
-        alpha, temperature, top_k, top_p, min_p : number
-            The RAST combination and sampling filters (:func:`rast_kernels.rast_sample`);
-            ``temperature=0`` is greedy.
-        max_new_tokens : int
-            Tokens to generate at most per prompt; prompt + max_new_tokens must fit ``max_seq_len``.
-        stop : str or list[str], optional
-            Stop strings: the row ends once its text contains one; the text is cut before it.
-        eos_token_id : int or list[int], optional
-            Ids that end a row (not included in the output). Default: the tokenizer's EOS and the base
-            model's ``generation_config.eos_token_id``; ``[]`` disables EOS stopping.
+            One prompt (a string or a flat list of token ids) or several. Strings are tokenized with the
+            tokenizer's special tokens (e.g. BOS). An empty list returns ``[]``.
+        sampling_params : SamplingParams or list[SamplingParams], optional
+            One for all prompts or one per prompt; or leave it None and pass its fields as keywords (``alpha``,
+            ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``, ``stop``, ``eos_token_id``, ``n``,
+            ``return_logprobs``).
         seed : int or list[int]
-            An int: prompt ``i`` uses ``row_seed(seed, i)``; a list: one int64 seed per prompt, as is.
-        return_logprobs : bool
-            Fill :attr:`GenerationOutput.logprobs`.
+            An int: prompt ``i`` (whose params have no seed) uses ``mix_seed(seed, i)``; a list: one int64 seed per
+            prompt, as is. Sample ``j`` of a prompt with seed ``s`` uses ``sample_seed(s, j)``.
         progress : bool, optional
-            tqdm progress bar over decode steps; default: on when stderr is a terminal and
-            ``len(prompts) * max_new_tokens >= 1024``.
+            tqdm progress bar over finished samples; default: on when stderr is a terminal and the call asks for at
+            least 1024 tokens.
 
         Returns
         -------
         list[GenerationOutput]
-            One per prompt, in order (a single prompt gives a list of one).
+            One per (prompt, sample), prompt-major (``prompt_index``, ``sample_index``); a single prompt with
+            ``n=1`` gives a list of one. Every argument is checked before anything runs.
         """
+        if self.has_unfinished_requests():
+            raise ValueError("generate: the engine has requests in flight from add_request; finish them with "
+                             "step()/run() first")
         rows = self._normalize_prompts(prompts)
-        settings = self._sampling_settings(len(rows), alpha, temperature, top_k, top_p, min_p, max_new_tokens,
-                                           stop, eos_token_id, seed, return_logprobs)
-        self._check_lengths(rows, settings["max_new_tokens"])
-        if not rows:
+        plist = self._params_list(len(rows), sampling_params, seed, kwargs)
+        reqs = [self._make_request(ids, p, s, f"prompts[{i}]", i) for i, (ids, (p, s)) in enumerate(zip(rows, plist))]
+        if not reqs:
             return []
+        total = sum(r.params.n for r in reqs)
         if progress is None:
-            progress = sys.stderr.isatty() and len(rows) * settings["max_new_tokens"] >= 1024
-        chunks = [range(i, min(i + self.max_batch_size, len(rows))) for i in range(0, len(rows), self.max_batch_size)]
+            progress = sys.stderr.isatty() and sum(r.params.n * r.params.max_new_tokens for r in reqs) >= 1024
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(chunks) * settings["max_new_tokens"], desc="rast_generate", unit="step")
-        outs = []
+            bar = tqdm(total=total, desc="rast_generate", unit="sample")
+        self._enqueue(reqs)
+        outs, t0, tok0 = [], time.perf_counter(), self.tokens_generated
         try:
-            with torch.no_grad():
-                for ch in chunks:
-                    gen = self._run_batch([rows[i] for i in ch], [settings["seeds"][i] for i in ch], settings,
-                                          poll_every=self.poll_interval, defer=self.defer_polls)
-                    last = 0
-                    while True:
-                        try:
-                            steps, _ = next(gen)
-                        except StopIteration as fin:
-                            batch_outs = fin.value
-                            break
-                        if bar is not None:
-                            bar.update(steps - last)
-                            last = steps
-                    if bar is not None:
-                        bar.update(settings["max_new_tokens"] - last)
-                    for i, o in zip(ch, batch_outs):
-                        o.num_prompt_tokens = len(rows[i])
-                    outs.extend(batch_outs)
+            for out in self.run():
+                outs.append(out)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(tok_s=f"{(self.tokens_generated - tok0) / (time.perf_counter() - t0):.1f}")
+        except BaseException:
+            for r in reqs:  # free what this call holds; the engine stays usable
+                self.abort_request(r.request_id)
+            raise
         finally:
             if bar is not None:
                 bar.close()
+        for r in reqs:
+            self._requests.pop(r.request_id, None)
+        outs.sort(key=lambda o: (o.prompt_index, o.sample_index))
         return outs
 
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Generate for one prompt (a string or a flat list of token ids), yielding text increments as
-        they become final: an incomplete multi-byte character (a trailing U+FFFD) and a tail that could
-        still start a stop string are held back. The concatenation equals ``generate(...)[0].text``.
-        Keywords: as :meth:`generate` (``progress`` is ignored)."""
+    def stream(self, prompt, sampling_params: Optional[SamplingParams] = None, *, seed=0,
+               **kwargs) -> Iterator[str]:
+        """Generate for one prompt (a string or a flat list of token ids; ``n`` must be 1), yielding text increments
+        as they become final: an incomplete multi-byte character and a tail that could still start a stop string
+        are held back. The concatenation equals ``generate(prompt, ...)[0].text`` for the same arguments
+        (``progress`` is ignored)."""
         kwargs.pop("progress", None)
+        if self.has_unfinished_requests():
+            raise ValueError("stream: the engine has requests in flight from add_request; finish them first")
         rows = self._normalize_prompts(prompt)
         if len(rows) != 1:
             raise ValueError(f"prompt: stream takes one prompt, got {len(rows)}")
-        settings = self._sampling_settings(1, **{k: kwargs.get(k, v) for k, v in _GEN_DEFAULTS.items()})
-        unknown = set(kwargs) - set(_GEN_DEFAULTS)
-        if unknown:
-            raise TypeError(f"stream: unexpected keyword(s) {sorted(unknown)}")
-        self._check_lengths(rows, settings["max_new_tokens"])
-        stops = settings["stop"]
-        hold = max((len(s) for s in stops), default=1) - 1
-        emitted = ""
-        with torch.no_grad():
-            gen = self._run_batch(rows, settings["seeds"], settings, poll_every=1, defer=False)
-            while True:
-                try:
-                    _, host_tokens = next(gen)
-                except StopIteration as fin:
-                    final = fin.value[0].text
-                    break
-                text = self._decode(host_tokens[0])
-                at, _ = _find_stop(text, stops)
-                if at >= 0:
-                    safe = text[:at]
-                else:
-                    safe = text.rstrip("\ufffd")
-                    if hold:
-                        safe = safe[:max(len(emitted), len(safe) - hold)]
-                if len(safe) > len(emitted) and safe.startswith(emitted):
-                    yield safe[len(emitted):]
-                    emitted = safe
+        (params, s), = self._params_list(1, sampling_params, seed, kwargs)
+        if params.n != 1:
+            raise ValueError(f"n: stream takes one sample, got {params.n}")
+        req = self._make_request(rows[0], params, s, "prompt", 0)
+        self._enqueue([req])
+        rid = req.request_id
+        emitted, final = "", None
+        try:
+            while final is None:
+                for out in self.step():
+                    if out.finished:
+                        final = out.text
+                    elif out.text.startswith(emitted) and len(out.text) > len(emitted):
+                        yield out.text[len(emitted):]
+                        emitted = out.text
+        except BaseException:
+            self.abort_request(rid)
+            raise
+        self._requests.pop(rid, None)
         if final.startswith(emitted):
             if len(final) > len(emitted):
                 yield final[len(emitted):]
@@ -775,42 +614,8 @@ class RastEngine:
 
     def __repr__(self) -> str:
         names = {r: type(m).__name__ for r, m in self.models.items()}
-        return (f"RastEngine({names}, devices={ {r: str(d) for r, d in self.devices.items()} }, "
+        return (f"RastEngine({names}, attn={self.attn}, devices={ {r: str(self.devices[r]) for r in self.roles} }, "
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
-                f"use_cuda_graph={self.use_cuda_graph}, fused_decode={self.fused_decode}, "
-                f"overlap_models={self.overlap_models})")
-
-
-_GEN_DEFAULTS = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=256, stop=None,
-                     eos_token_id=None, seed=0, return_logprobs=False)
-
-
-def _three(logits: list) -> list:
-    """The sampler's three logit rows: the base model alone gives ``z = base + alpha * (base - base)``,
-    which is exactly ``base`` (``x - x == 0`` for finite x; a ``-inf`` column stays masked)."""
-    return logits if len(logits) == 3 else logits * 3
-
-
-def _find_stop(text: str, stops: Sequence[str]):
-    """(index of the earliest stop-string occurrence in ``text`` or -1, that stop string or None)."""
-    best, which = -1, None
-    for s in stops:
-        j = text.find(s)
-        if j >= 0 and (best < 0 or j < best):
-            best, which = j, s
-    return best, which
-
-
-def _stop_prefix(decode, toks: list, stops: Sequence[str]):
-    """The fewest leading tokens whose decoded text contains a stop string, and that string; (None, None)
-    if the full text has none. Binary search: containing a stop string is monotone in the prefix."""
-    if not toks or _find_stop(decode(toks), stops)[0] < 0:
-        return None, None
-    lo, hi = 1, len(toks)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _find_stop(decode(toks[:mid]), stops)[0] >= 0:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo, _find_stop(decode(toks[:lo]), stops)[1]
+                f"kv_cache_tokens={self.kv_cache_tokens}, block_size={self.block_size}, "
+                f"scheduling={self.scheduler.policy!r}, use_cuda_graph={self.use_cuda_graph}, "
+                f"fused_decode={self.fused_decode}, overlap_models={self.overlap_models})")

@@ -12,8 +12,8 @@ per layer                                  kernels
 residual add + RMSNorm (x2)                :func:`rast_kernels.ops.rms_norm.add_rms_norm`
 q/k/v projection, gate/up projection       one GEMM each over concatenated weights (below)
 o and down projections                     the model's ``nn.Linear`` modules
-rotary on q and k + KV-cache write         :func:`rast_kernels.ops.rope_cache.rope_cache_write`
-attention over the row's valid columns     :func:`rast_kernels.ops.decode_attention.decode_attention`
+rotary on q and k + KV-cache slot write    :func:`rast_kernels.ops.rope_cache.rope_cache_write`
+attention over the row's cache blocks      :func:`rast_kernels.ops.paged_attention.paged_decode_attention`
 ``silu(gate) * up``                        :func:`rast_kernels.ops.silu_mul.silu_mul`
 =========================================  ====================================================
 
@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.decode_attention import decode_attention
+from ..ops.paged_attention import paged_decode_attention
 from ..ops.rms_norm import add_rms_norm
 from ..ops.rope_cache import rope_cache_write
 from ..ops.silu_mul import silu_mul
@@ -123,7 +123,7 @@ def concat_linears(linears) -> Optional[tuple[torch.Tensor, Optional[torch.Tenso
 
 
 class FusedDecoder:
-    """Decode-step forward of one model over an :class:`~rast_kernels.engine.cache.EngineKVCache`.
+    """Decode-step forward of one model over a :class:`~rast_kernels.engine.cache.PagedKVCache`.
 
     Parameters
     ----------
@@ -154,20 +154,19 @@ class FusedDecoder:
                 self.gate_up.append(concat_linears([mlp.gate_proj, mlp.up_proj]) if fuse_projections else None)
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, start: torch.Tensor, end: torch.Tensor,
-                 kv: int) -> torch.Tensor:
-        """Logits ``[b, V]`` (model dtype) of one decode step.
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slot: torch.Tensor, lens: torch.Tensor,
+                 block_table: torch.Tensor) -> torch.Tensor:
+        """Logits ``[b, V]`` (model dtype) of one decode step over a paged cache.
 
-        ``ids``/``pos``: ``[b, 1]`` int64 token and position id per row. ``cache``: the model's engine cache,
-        prefilled; the new key/value go to column ``cache.write_pos`` of every row. ``start``/``end``: ``[b]``
-        each row's valid cache columns (the new one included); attention reads columns ``[0, kv)`` only.
-        Device ops only (capturable in a CUDA graph)."""
+        ``ids``/``pos``: ``[b, 1]`` int64 token and position id per row. ``cache``: the model's
+        :class:`~rast_kernels.engine.cache.PagedKVCache`; the new key/value of row ``i`` go to token slot
+        ``slot[i]``. ``lens``: ``[b]`` each row's cache length, the new token included (0: the row attends to
+        nothing). ``block_table``: ``[b, max_blocks]`` int32. Device ops only (capturable in a CUDA graph)."""
         inner, be = self.model.model, self.backend
         b = ids.shape[0]
         h = inner.embed_tokens(ids[:, 0])                       # [b, H]
         cos, sin = inner.rotary_emb(h.unsqueeze(1), pos)        # [b, 1, D] each, model dtype
         cos, sin = cos[:, 0], sin[:, 0]
-        col = cache.write_pos
         residual = None
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -181,10 +180,11 @@ class FusedDecoder:
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k, v = q.view(b, self.n_heads, d), k.view(b, self.n_kv_heads, d), v.view(b, self.n_kv_heads, d)
-            layer_cache = cache.layers[i]
-            keys, values = layer_cache.keys[:b], layer_cache.values[:b]  # [b, H_kv, S_max, D]
-            q = rope_cache_write(q, k, v, cos, sin, keys, values, col, backend=be)
-            o = decode_attention(q, keys[:, :, :kv], values[:, :, :kv], start, end, scale=attn.scaling, backend=be)
+            pool = cache.layers[i]
+            k_pool, v_pool = pool.keys, pool.values                 # [num_blocks + 1, BS, H_kv, D]
+            q = rope_cache_write(q, k, v, cos, sin, k_pool.view(-1, self.n_kv_heads, d),
+                                 v_pool.view(-1, self.n_kv_heads, d), slot, backend=be)
+            o = paged_decode_attention(q, k_pool, v_pool, block_table, lens, scale=attn.scaling, backend=be)
             h = attn.o_proj(o.view(b, self.n_heads * d))
             norm = layer.post_attention_layernorm
             x, residual = add_rms_norm(h, norm.weight, norm.variance_epsilon, residual, backend=be)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-FINISH_REASONS = ("stop", "length", "error")
+FINISH_REASONS = ("stop", "length", "error", "abort")
 
 
 @dataclass
 class GenerationOutput:
-    """One prompt's result.
+    """One sample's result (or, from :meth:`RastEngine.step`, its progress so far).
 
     Attributes
     ----------
@@ -22,9 +22,10 @@ class GenerationOutput:
         tokens cannot be).
     num_prompt_tokens : int
         Tokens in the (tokenized) prompt.
-    finish_reason : {"stop", "length", "error"}
+    finish_reason : {"stop", "length", "error", "abort"} or None
         ``"stop"``: an EOS id was sampled or a stop string appeared; ``"length"``: ``max_new_tokens``
-        were generated; ``"error"``: the sampler rejected the row (see ``error``).
+        were generated; ``"error"``: the sampler rejected the row (see ``error``); ``"abort"``: the request was
+        aborted (:meth:`RastEngine.abort_request`); None while the sample is still running.
     stop_reason : int, str or None
         The EOS id or the stop string that ended the row (None unless ``finish_reason == "stop"``).
     error : str or None
@@ -32,12 +33,24 @@ class GenerationOutput:
     logprobs : list[float] or None
         With ``return_logprobs=True``: the log-probability of each id in ``token_ids`` under the final
         filtered, renormalised distribution it was drawn from (0.0 for greedy steps).
+    request_id : str or None
+        The engine's id of the request.
+    prompt_index, sample_index : int
+        Which prompt of a :meth:`RastEngine.generate` call (0 for :meth:`RastEngine.add_request`) and which of its
+        ``n`` samples this is.
+    finished : bool
+        False for a progress update of a running sample (:meth:`RastEngine.step`): ``text`` is then the part
+        that can no longer change.
     """
 
     text: str
     token_ids: list = field(default_factory=list)
     num_prompt_tokens: int = 0
-    finish_reason: str = "length"
+    finish_reason: Optional[str] = "length"
     stop_reason: Optional[Union[int, str]] = None
     error: Optional[str] = None
     logprobs: Optional[list] = None
+    request_id: Optional[str] = None
+    prompt_index: int = 0
+    sample_index: int = 0
+    finished: bool = True

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rast_kernels import GenerationOutput, RastEngine, rast_generate
-from rast_kernels.engine import clear_engine_cache, get_engine, row_seed
+from rast_kernels.engine import clear_engine_cache, get_engine, mix_seed as row_seed
 
 from conftest import WIDTHS, make_model, make_tokenizer
 
@@ -311,6 +311,9 @@ def test_deferred_polling_gives_the_same_outputs(qwen_engine):
     finally:
         qwen_engine.poll_interval, qwen_engine.defer_polls = 1, False
     for a, b in zip(got + got_eos, ref + ref_eos):
-        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason, a.logprobs) == \
-               (b.token_ids, b.text, b.finish_reason, b.stop_reason, b.logprobs)
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == \
+               (b.token_ids, b.text, b.finish_reason, b.stop_reason)
+        # rows that end early leave the batch one window later here, so the others run in other batch shapes for
+        # a few steps: the GEMMs may round the last bits differently (tokens are unaffected)
+        assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5)
     assert {o.finish_reason for o in ref + ref_eos} >= {"stop"}
