@@ -275,18 +275,18 @@ def test_rast_decode_attention_matches_sdpa(qwen_paths):
 
 
 def test_state_fully_reset_between_calls(qwen_engine):
-    """Everything a call (or the graph warm-up: a dummy prefill plus decode steps) leaves in the static
-    buffers is reset by the next prefill: results equal a fresh engine's."""
+    """Whatever a call, or decode steps of an idle engine (what the graph warm-up runs: every slot inert), leave
+    in the slot state and the pools is reset by the next admission: results equal a fresh engine's."""
     kw = dict(temperature=1.0, max_new_tokens=10, eos_token_id=[], seed=[3, 4])
     fresh = RastEngine(*qwen_engine.models.values(), tokenizer=qwen_engine.tokenizer, max_seq_len=96, devices=CPU)
     expect = fresh.generate(PROMPTS[:2], **kw)
-    dummy = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=1, eos=[])
-    with torch.no_grad():
-        qwen_engine._prefill(4, [[0]] * 4, dummy, [0] * 4)  # what _ensure_graph does before capture
-        qwen_engine.state.done.zero_()
-        for _ in range(3):
-            qwen_engine._decode_step(4, 96)
     qwen_engine.generate(PROMPTS[2:], temperature=1.0, max_new_tokens=30, stop="x", seed=1)  # a longer call
+    state = qwen_engine.runner.state
+    before = [t.clone() for t in state.per_slot()]
+    with torch.no_grad():
+        for _ in range(3):
+            qwen_engine.runner._decode_step(4, 96)
+    assert all(torch.equal(a, b) for a, b in zip(before, state.per_slot()))  # inert rows change nothing
     got = qwen_engine.generate(PROMPTS[:2], **kw)
     assert [o.token_ids for o in got] == [o.token_ids for o in expect]
 

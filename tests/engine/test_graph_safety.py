@@ -1,0 +1,71 @@
+"""Graph safety without a GPU: the engine's decode step must never read a device value on the host or produce a
+data-dependent shape (either would break or stall CUDA-graph capture). The step runs on CPU under a
+``TorchDispatchMode`` that fails on such ops; later engine changes must keep passing this."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rast_kernels import RastEngine, SamplingParams
+
+from conftest import WIDTHS, make_model
+
+_HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "tolist"}
+_DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                   "repeat_interleave", "argwhere"}
+
+
+class NoHostSync(TorchDispatchMode):
+    """Raises on ops that read device values to the host or whose output shape depends on the data; records every
+    op name it sees (so the test can check the step really ran through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.seen.add(name)
+        if name in _HOST_READS or name in _DATA_DEPENDENT:
+            raise AssertionError(f"{func}: reads a device value on the host or has a data-dependent shape")
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])):
+            raise AssertionError(f"{func}: boolean-mask indexing has a data-dependent shape")
+        return func(*args, **kwargs)
+
+
+def _running_engine(tokenizer, **kw):
+    models = [make_model("qwen2", w, s) for w, s in zip(WIDTHS.values(), (21, 22, 23))]
+    engine = RastEngine(*models, tokenizer=tokenizer, devices="cpu", max_batch_size=4, max_seq_len=64, block_size=4,
+                        **kw)
+    for i, p in enumerate(["the quick", "héllo wörld", "a"]):
+        engine.add_request(p, SamplingParams(temperature=(1.0, 0.0, 0.8)[i], top_p=0.9, top_k=(0, 5, 0)[i],
+                                             max_new_tokens=20, eos_token_id=[], seed=i))
+    engine.step()  # admits and prefills (eager, host-driven: allowed to read the host)
+    engine.step()
+    assert engine.scheduler.num_running == 3
+    return engine
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["transformers_forward", "fused_decode"])
+def test_decode_step_has_no_host_reads(fused, tokenizer):
+    engine = _running_engine(tokenizer, fused_decode=fused)
+    runner = engine.runner
+    before = runner.state.n_gen.clone()
+    mode = NoHostSync()
+    with torch.no_grad(), mode:
+        runner._decode_step(4, 64)  # a padded bucket: row 3 is an empty, inert slot
+    assert (runner.state.n_gen[:3] == before[:3] + 1).all() and runner.state.n_gen[3] == before[3]
+    assert {"index_select", "index_copy_"} <= mode.seen  # the bookkeeping ran under the mode
+
+
+def test_the_mode_catches_host_reads():
+    with pytest.raises(AssertionError, match="_local_scalar_dense"):
+        with NoHostSync():
+            torch.ones(3).sum().item()
+    with pytest.raises(AssertionError, match="nonzero"):
+        with NoHostSync():
+            torch.ones(3).nonzero()
