@@ -7,34 +7,104 @@ test checks its own line of the result. Run it by hand, e.g. against another Tri
 
     PYTHONPATH=/tmp/tr36 python tests/ops/sm90.py        # prints "OK <op> (<n> kernels)" per op
 
-``compile_ptx`` is the one compile helper; ``JOBS`` lists each op's kernel signatures (bf16, fp16, fp32).
+``compile_ptx`` is the one compile helper; ``JOBS`` lists each op's kernel signatures (bf16, fp16, fp32) and the
+launch configurations (constexprs, ``num_warps``) the op's launcher uses. Each compile goes on to the sm_90 cubin
+(ptxas) and checks that the kernel fits an H100/H200 at that configuration (:func:`check_launch_limits`): the
+number of registers per thread and per block, and the shared memory per block. A kernel over a limit compiles
+fine but fails at launch ("too many resources requested" / "out of resources"), which the interpreter never
+shows. ``SM90_USAGE=1 python tests/ops/sm90.py`` prints each kernel's registers and shared memory.
 """
 from __future__ import annotations
 
 import functools
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import tempfile
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 DTYPES = ("bf16", "fp16", "fp32")
 
+# Per-block launch limits of an H100 / H200 (compute capability 9.0, CUDA programming guide, "Technical
+# Specifications per Compute Capability"): registers are allocated per warp in units of 256, i.e. a thread's
+# count is rounded up to a multiple of 8 before it is multiplied by the block's threads; 227 KB is the largest
+# shared memory a block may opt in to (Triton opts in to what the kernel needs above 48 KB by itself).
+MAX_REGS_PER_THREAD = 255
+MAX_REGS_PER_BLOCK = 65536
+REG_ALLOC_UNIT = 8
+MAX_SHARED_PER_BLOCK = 232448
+USAGE = []  # one dict per compile (kernel, config, regs, threads, shared, stack, local), for SM90_USAGE=1
 
-def compile_ptx(fn, sig, consts, num_warps=4, **options):
+
+def _cuobjdump():
+    """Triton's own cuobjdump (shipped beside its ptxas), else the one on PATH."""
+    import triton.backends.nvidia as nv
+
+    bundled = pathlib.Path(nv.__file__).parent / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else "cuobjdump"
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``{"regs", "shared", "stack", "local"}`` of the one kernel in ``cubin``, from ``cuobjdump
+    --dump-resource-usage`` (shared: the static shared memory only; Triton's is dynamic, in its metadata)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    assert len(found) == 1, f"expected one kernel in the cubin, cuobjdump says:\n{text}"
+    return dict(zip(("regs", "stack", "shared", "local"), map(int, found[0])))
+
+
+def check_launch_limits(name: str, config: str, kernel, num_warps: int) -> dict:
+    """Assert that the compiled ``kernel`` (``triton.compile``'s result) can launch on an H100/H200 with
+    ``num_warps`` warps; the message names the kernel and the configuration. Returns its usage (also in USAGE)."""
+    use = resource_usage(kernel.asm["cubin"])
+    threads = num_warps * 32 * kernel.metadata.num_ctas
+    shared = use["shared"] + kernel.metadata.shared  # static + the dynamic shared memory Triton launches with
+    regs_block = -(-use["regs"] // REG_ALLOC_UNIT) * REG_ALLOC_UNIT * threads
+    row = dict(kernel=name, config=config, regs=use["regs"], threads=threads, regs_per_block=regs_block,
+               shared=shared, stack=use["stack"], local=use["local"])
+    USAGE.append(row)
+    where = f"{name} [{config}] on sm_90"
+    assert use["regs"] <= MAX_REGS_PER_THREAD, f"{where}: {use['regs']} registers per thread > {MAX_REGS_PER_THREAD}"
+    assert regs_block <= MAX_REGS_PER_BLOCK, \
+        f"{where}: {use['regs']} registers x {threads} threads = {regs_block} per block > {MAX_REGS_PER_BLOCK}"
+    assert shared <= MAX_SHARED_PER_BLOCK, \
+        f"{where}: {shared} bytes of shared memory per block > {MAX_SHARED_PER_BLOCK}"
+    return row
+
+
+def compile_ptx(fn, sig, consts, num_warps=4, aligned=(), **options):
     """PTX of ``fn`` (a ``triton.jit`` function) for sm_90: ``sig`` maps runtime args to Triton types, ``consts``
-    the constexpr args to their values; ``options``: more compiler options (e.g. ``enable_fp_fusion``)."""
+    the constexpr args to their values; ``options``: more compiler options (e.g. ``enable_fp_fusion``). The
+    kernel is also taken to its cubin and checked against the launch limits (:func:`check_launch_limits`).
+
+    ``aligned`` names args declared 16-divisible, and an int arg may be given in ``consts`` as 1: that is how a
+    launch specializes 16-byte aligned pointers, multiples of 16 and unit strides, so a job can compile the
+    kernel as a launch on contiguous tensors builds it (vectorized loads: other registers than the generic
+    build)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     assert set(sig) | set(consts) == set(fn.arg_names), sorted(set(fn.arg_names) ^ (set(sig) | set(consts)))
+    ptr_types = sorted({t for t in sig.values() if t.startswith("*")})
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **options)).asm["ptx"]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **options))
+    ptx = kernel.asm["ptx"]
     assert ".target sm_90" in ptx, ptx[:500]
+    config = ", ".join([f"{k}={v}" for k, v in consts.items()] + [f"num_warps={num_warps}"]
+                       + [f"{k}={v}" for k, v in options.items()] + ["/".join(ptr_types)]
+                       + ([f"16-divisible: {'/'.join(aligned)}"] if aligned else []))
+    check_launch_limits(kernel.metadata.name, config, kernel, num_warps)
     return ptx
 
 
@@ -89,8 +159,9 @@ def _silu_mul():
 
 
 def _rast_sample():
-    """Both sampler kernels with and without filters / tensor parameters; z / T must be the IEEE division, log
-    libdevice's (not the approximate lg2), Philox 32-bit umulhi; the launches use ``enable_fp_fusion=False``."""
+    """Both sampler kernels with and without filters / tensor parameters (and filters with a number seed, mixed
+    per row in uint64); z / T must be the IEEE division, log libdevice's (not the approximate lg2), Philox 32-bit
+    umulhi, every exp of kernel 2 (the top-p masses) libdevice's; the launches use ``enable_fp_fusion=False``."""
     import rast_kernels.ops.rast_sample_triton as m
 
     p = "*fp32"
@@ -103,8 +174,8 @@ def _rast_sample():
                 topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
                 seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
                 V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
-    for t in (False, True):
-        flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=t, OFF_T=t, FILTER=t, PRECISE=True)
+    for t, seed_t in ((False, False), (True, True), (True, False)):
+        flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=seed_t, OFF_T=t, FILTER=t, PRECISE=True)
         ptx1 = compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, **flags), 4,
                            enable_fp_fusion=False)
         ptx2 = compile_ptx(m._rast_finish_kernel, sig2, dict(NCP2=512, BLOCK=512, NP=16, WRITE_LP=True, **flags), 8,
@@ -113,36 +184,122 @@ def _rast_sample():
         for ptx in (ptx1, ptx2):
             assert "lg2.approx.f32" not in ptx, "log must be libdevice's logf, not the approximate lg2"
         assert "mul.hi.u32" in ptx1, "Philox must use 32-bit umulhi"
+        # tl.exp lowers to mul by log2(e) + ex2.approx.f32, libdevice's expf to ex2.approx.ftz.f32 after an exact
+        # range reduction: the top-p masses S_k and H(t) must come from one exp, libdevice's
+        assert "ex2.approx.f32" not in ptx2, "kernel 2's exp must be libdevice's expf, not the approximate tl.exp"
     compile_ptx(m._noise_debug_kernel, dict(seed_ptr="*i64", off_ptr="*i64", col_ptr="*i64", words_ptr="*i64",
                                             exp_ptr=p, NCOL="i32"), dict(BLOCK=256, PRECISE=True), 4,
                 enable_fp_fusion=False)
-    return 5
+    return 7
+
+
+def _attention_configs():
+    """``(dtype, head_dim, splits)`` of the attention split kernels: head dim 128 in every dtype with one and
+    eight splits; the other tile shapes of ``_block_n`` (64: BLOCK_N 64 with a narrower tile, 256: BLOCK_N 32)
+    in bf16 (fp16 has the same sizes) and fp32 (the biggest tiles), with splits. G_PAD 16 covers every group
+    up to 16 query heads per kv head (the configs under benchmarks/configs have 4 to 7)."""
+    return [(dt, 128, s) for dt in DTYPES for s in (1, 8)] + [(dt, d, 8) for dt in ("bf16", "fp32") for d in (64, 256)]
 
 
 def _decode_attention():
-    """Split kernel (one and eight splits) and combine kernel, head dim 128, bf16/fp16/fp32."""
-    from rast_kernels.ops.decode_attention import _kernels
+    """Split kernel (one and eight splits) and combine kernel (up to 64 splits, head dims up to 256) at the
+    launcher's tile sizes, bf16/fp16/fp32."""
+    from rast_kernels.ops.decode_attention import _block_n, _kernels
 
     split, combine = _kernels()
     p, n = "*fp32", 0
-    for dt in DTYPES:
+    for dt, dim, splits in _attention_configs():
         t = "*" + dt
         sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, start_ptr="*i64", end_ptr="*i64", out_ptr=t, m_ptr=p, l_ptr=p,
                    acc_ptr=p, s_max="i32", group="i32", qk_scale="fp32", s_start="i32", s_end="i32")
         for name in ("sq_b", "sq_h", "sq_d", "sk_b", "sk_h", "sk_s", "sk_d", "sv_b", "sv_h", "sv_s", "sv_d",
                      "so_b", "so_h", "so_d"):
             sig[name] = "i32"
-        for splits in (1, 8):
-            compile_ptx(split, sig, dict(HEAD_DIM=128, D_PAD=128, G_PAD=16, BLOCK_N=64, NUM_SPLITS=splits,
-                                         PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False))
-        compile_ptx(combine, dict(out_ptr=t, m_ptr=p, l_ptr=p, acc_ptr=p, so_b="i32", so_h="i32", so_d="i32"),
-                    dict(HEAD_DIM=128, D_PAD=128, NUM_SPLITS=8, S_PAD=8))
-        n += 3
+        consts = dict(HEAD_DIM=dim, D_PAD=dim, G_PAD=16, BLOCK_N=_block_n(dim), NUM_SPLITS=splits,
+                      PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False)
+        compile_ptx(split, sig, consts)
+        # as launched on contiguous q / caches / out (unit last strides, 16-aligned rows; see _paged_attention)
+        unit = ("sq_d", "sk_d", "sv_d", "so_d")
+        compile_ptx(split, {k: v for k, v in sig.items() if k not in unit}, dict(consts, **{k: 1 for k in unit}),
+                    aligned=[k for k in sig if k.endswith("_ptr")] + ["sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b",
+                                                                      "sv_h", "sv_s", "so_b", "so_h"])
+        n += 2
+    for dt in DTYPES:
+        t = "*" + dt
+        for dim, splits in ((128, 8), (256, 64)):
+            compile_ptx(combine, dict(out_ptr=t, m_ptr=p, l_ptr=p, acc_ptr=p, so_b="i32", so_h="i32", so_d="i32"),
+                        dict(HEAD_DIM=dim, D_PAD=dim, NUM_SPLITS=splits, S_PAD=splits))
+            n += 1
     return n
 
 
-JOBS = {"rms_norm": _rms_norm, "rope_cache": _rope_cache, "silu_mul": _silu_mul, "rast_sample": _rast_sample,
-        "decode_attention": _decode_attention}
+def _paged_attention():
+    """The paged split kernel at the same configurations as decode_attention's (its combine kernel is
+    decode_attention's, compiled there); block table int32, lengths int32 and int64."""
+    from rast_kernels.ops.decode_attention import _block_n
+    from rast_kernels.ops.paged_attention import _kernels
+
+    split, _ = _kernels()
+    p, n = "*fp32", 0
+    strides = ("s_len", "sbt_b", "sbt_j", "sq_b", "sq_h", "sq_d", "sk_n", "sk_s", "sk_h", "sk_d",
+               "sv_n", "sv_s", "sv_h", "sv_d", "so_b", "so_h", "so_d")
+    unit = ("s_len", "sbt_j", "sq_d", "sk_d", "sv_d", "so_d")  # contiguous tensors: these strides are 1
+    for dt, dim, splits in _attention_configs():
+        t = "*" + dt
+        sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, bt_ptr="*i32", len_ptr="*i32" if splits == 1 else "*i64", out_ptr=t,
+                   m_ptr=p, l_ptr=p, acc_ptr=p, block_size="i32", max_len="i32", group="i32", qk_scale="fp32")
+        consts = dict(HEAD_DIM=dim, D_PAD=dim, G_PAD=16, BLOCK_N=_block_n(dim), NUM_SPLITS=splits,
+                      PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False)
+        # any strides (the generic build), then contiguous q / pools / table / out with 16-aligned rows (the
+        # engine's case: unit strides and vectorized loads)
+        compile_ptx(split, dict(sig, **{k: "i32" for k in strides}), consts)
+        compile_ptx(split, dict(sig, **{k: "i32" for k in strides if k not in unit}), dict(consts, **{k: 1 for k in unit}),
+                    aligned=[k for k in sig if k.endswith("_ptr")] + ["sq_b", "sq_h", "sk_n", "sk_s", "sk_h", "sv_n",
+                                                                      "sv_s", "sv_h", "so_b", "so_h"])
+        n += 2
+    return n
+
+
+def _rast_sample_launch_configs():
+    """Both sampler kernels at every (CHUNK, BLOCK1, BLOCK2, NCP2, num_warps) that ``launch_config`` picks for
+    Qwen2's vocabularies (151936, 152064) at B = 1..256 on a 132-SM H100/H200, with the parameter flags all
+    off (scalars, no filter) and all on (tensors, filters, log-probs: the most code)."""
+    import torch
+    import triton
+
+    import rast_kernels.ops.rast_sample_triton as m
+
+    configs = sorted({m.launch_config(b, v, torch.device("cpu")) for v in (151936, 152064) for b in range(1, 257)})
+    p = "*fp32"
+    sig1 = dict(base_ptr="*bf16", expert_ptr="*bf16", ebase_ptr="*bf16", stride_b="i32", stride_e="i32",
+                stride_eb="i32", alpha_ptr=p, alpha_val="fp32", temp_ptr=p, temp_val="fp32", topk_ptr="*i64",
+                topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32", seed_ptr="*i64",
+                seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=p, fstat_ptr=p,
+                istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32")
+    sig2 = dict(ws_ptr=p, fstat_ptr=p, istat_ptr="*i32", tok_ptr="*i64", lp_ptr=p, temp_ptr=p, temp_val="fp32",
+                topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
+                seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
+                V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
+    n = 0
+    for chunk, nchunk, b1, b2 in configs:
+        for t in (False, True):
+            flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=t, OFF_T=t, FILTER=t, PRECISE=True)
+            # num_warps as rast_sample_triton launches them
+            compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=chunk, BLOCK=b1, ALPHA_T=t, **flags),
+                        4 if b1 <= 512 else 8, enable_fp_fusion=False)
+            compile_ptx(m._rast_finish_kernel, sig2, dict(NCP2=triton.next_power_of_2(nchunk), BLOCK=b2,
+                                                          NP=m.NUM_PIVOTS, WRITE_LP=t, **flags),
+                        8, enable_fp_fusion=False)
+            n += 2
+    return n
+
+
+def _rast_sample_all():
+    return _rast_sample() + _rast_sample_launch_configs()
+
+
+JOBS = {"rms_norm": _rms_norm, "rope_cache": _rope_cache, "silu_mul": _silu_mul, "rast_sample": _rast_sample_all,
+        "decode_attention": _decode_attention, "paged_attention": _paged_attention}
 
 
 def main(names=None):
@@ -157,6 +314,10 @@ def main(names=None):
             print(f"OK {name} ({JOBS[name]()} kernels)", flush=True)
         except Exception:  # noqa: BLE001 -- reported to the test that owns the op
             print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+    if os.environ.get("SM90_USAGE"):
+        for row in USAGE:
+            print(f"  {row['kernel']:<22} regs {row['regs']:>3} x {row['threads']:>3} threads ({row['regs_per_block']:>5}"
+                  f"/block)  smem {row['shared']:>6} B  stack {row['stack']}  local {row['local']}  [{row['config']}]")
 
 
 @functools.lru_cache(maxsize=None)
