@@ -55,22 +55,29 @@ def make_untrained(root: str, seed: int = 0) -> dict:
     return paths
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    from rast_kernels import _cli
+
+    ap = _cli.ArgumentParser(prog="generate.py", description=__doc__.replace("``", ""),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("models")
     src.add_argument("--base", help="base model id or path (the big one)")
     src.add_argument("--expert", help="expert model id or path (small, RL-tuned)")
     src.add_argument("--expert-base", help="the expert's base model id or path (what the expert was tuned from)")
     src.add_argument("--tokenizer", help="tokenizer id or path (default: the one saved with the models)")
-    src.add_argument("--make-untrained", metavar="DIR",
+    src.add_argument("--make-untrained", metavar="DIR", type=_cli.output_dir,
                      help="build three tiny UNTRAINED random models in DIR and use them (gibberish output)")
     eng = ap.add_argument_group("engine")
     eng.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    eng.add_argument("--device", default=None, help="device for all three models (default: cuda:0 if any, else cpu)")
-    eng.add_argument("--expert-device", default=None, help="device of the expert and the expert base")
-    eng.add_argument("--max-batch-size", type=int, default=8)
-    eng.add_argument("--max-seq-len", type=int, default=2048)
+    eng.add_argument("--device", type=_cli.device, default=None,
+                     help="device for all three models: cpu, cuda or cuda:N (default: cuda:0 if any, else cpu)")
+    eng.add_argument("--expert-device", type=_cli.device, default=None,
+                     help="device of the expert and the expert base (default: --device)")
+    eng.add_argument("--max-batch-size", type=_cli.int_range(1), default=8,
+                     help="most prompts decoded together, >= 1 (default 8)")
+    eng.add_argument("--max-seq-len", type=_cli.int_range(2), default=2048,
+                     help="KV-cache length per row: prompt + new tokens, >= 2 (default 2048)")
     eng.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
     eng.add_argument("--no-fused-decode", action="store_true",
                      help="decode through transformers' forward instead of the engine's fused forward (CUDA)")
@@ -78,18 +85,54 @@ def main(argv=None) -> int:
                      help="run the two small models on their own CUDA streams (CUDA, one device)")
     gen = ap.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    gen.add_argument("--prompt-file", help="a file with one prompt per line")
-    gen.add_argument("--alpha", type=float, default=1.0)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--prompt-file", type=_cli.existing_file, help="a UTF-8 file with one prompt per line")
+    gen.add_argument("--alpha", type=_cli.finite_float, default=1.0, help="weight of the expert's delta (default 1)")
+    gen.add_argument("--temperature", type=_cli.float_range(0.0), default=1.0,
+                     help="sampling temperature, >= 0; 0 = greedy (default 1)")
+    gen.add_argument("--top-k", type=_cli.int_range(0), default=0, help="keep the k most likely tokens, 0 = off (default)")
+    gen.add_argument("--top-p", type=_cli.float_range(0.0, 1.0, lo_open=True), default=1.0,
+                     help="nucleus threshold in (0, 1], 1 = off (default)")
+    gen.add_argument("--min-p", type=_cli.float_range(0.0, 1.0), default=0.0,
+                     help="drop tokens below min-p times the top probability, in [0, 1], 0 = off (default)")
+    gen.add_argument("--max-new-tokens", type=_cli.int_range(1), default=128,
+                     help="most tokens generated per prompt, >= 1 (default 128)")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=_cli.int_range(0, 2**63 - 1), default=0, help="sampling seed, >= 0 (default 0)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated (single prompt)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return ap
+
+
+def parse_args(argv=None):
+    """Parse and check every option, and read the prompts, before anything is loaded or built."""
+    from rast_kernels import _cli
+
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if not args.make_untrained and not (args.base and args.expert and args.expert_base):
+        ap.error("give --base, --expert and --expert-base (or --make-untrained DIR)")
+    if args.max_new_tokens >= args.max_seq_len:
+        _cli.fail(ap, "--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in "
+                  f"--max-seq-len {args.max_seq_len}")
+    if args.stop is not None and any(s == "" for s in args.stop):
+        _cli.fail(ap, "--stop", "an empty stop string would stop at once")
+    args.prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            _cli.fail(ap, "--prompt-file", f"cannot read {args.prompt_file!r}: {exc}")
+    if not args.prompts:
+        ap.error("give at least one --prompt or --prompt-file (with a non-empty line)")
+    if args.stream and len(args.prompts) != 1:
+        _cli.fail(ap, "--stream", f"takes exactly one prompt, got {len(args.prompts)}")
+    return ap, args
+
+
+def main(argv=None) -> int:
+    ap, args = parse_args(argv)
+    prompts = args.prompts
 
     from rast_kernels import RastEngine
 
@@ -97,14 +140,6 @@ def main(argv=None) -> int:
         paths = make_untrained(args.make_untrained)
         print(f"[untrained random models built in {args.make_untrained}: output is meaningless]", file=sys.stderr)
         args.base, args.expert, args.expert_base = paths["base"], paths["expert"], paths["expert_base"]
-    if not (args.base and args.expert and args.expert_base):
-        ap.error("give --base, --expert and --expert-base (or --make-untrained DIR)")
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-        ap.error("give at least one --prompt or --prompt-file")
 
     devices = None
     if args.device or args.expert_device:
@@ -113,22 +148,30 @@ def main(argv=None) -> int:
         exp_dev = args.expert_device or main_dev
         devices = {"base": main_dev, "expert": exp_dev, "expert_base": exp_dev}
     t0 = time.perf_counter()
-    engine = RastEngine(args.base, args.expert, args.expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
-                        devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                        use_cuda_graph=not args.no_cuda_graph, fused_decode=False if args.no_fused_decode else None,
-                        overlap_models=args.overlap_models)
+    try:
+        engine = RastEngine(args.base, args.expert, args.expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
+                            devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                            use_cuda_graph=not args.no_cuda_graph,
+                            fused_decode=False if args.no_fused_decode else None,
+                            overlap_models=args.overlap_models)
+    except (OSError, ValueError) as exc:
+        # a model id or path that does not load, or three models that do not fit together: the user's
+        # input, so one line (transformers' messages run over several lines; the first says what failed)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        ap.exit(2, f"{ap.prog}: error: loading the models failed: {first}\n")
     print(f"[{engine!r} ready in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     kw = dict(alpha=args.alpha, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
-    if args.stream:
-        if len(prompts) != 1:
-            ap.error("--stream takes exactly one prompt")
-        for piece in engine.stream(prompts[0], **kw):
-            print(piece, end="", flush=True)
-        print()
-        return 0
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, **kw)
+    try:
+        if args.stream:
+            for piece in engine.stream(prompts[0], **kw):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, **kw)
+    except ValueError as exc:  # e.g. a prompt longer than --max-seq-len allows: a user error, one line
+        ap.exit(2, f"{ap.prog}: error: {str(exc).strip().splitlines()[0]}\n")
     dt = time.perf_counter() - t0
     n_tok = sum(len(o.token_ids) for o in outs)
     for p, o in zip(prompts, outs):

@@ -9,19 +9,20 @@ Random logits stand in for the three models' last-position rows (Qwen2.5 widths:
 """
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 
-from rast_kernels import rast_sample
+from rast_kernels import _cli, rast_sample
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3, help="graph replays with an advancing offset (CUDA)")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    ap = _cli.ArgumentParser(prog="sample_step.py", description=__doc__.split("\n")[0].replace("``", ""))
+    ap.add_argument("--device", type=_cli.device, default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--batch", type=_cli.int_range(1, 4096), default=4, help="rows, 1..4096 (default 4)")
+    ap.add_argument("--steps", type=_cli.int_range(1), default=3,
+                    help="graph replays with an advancing offset, >= 1 (CUDA; default 3)")
+    args = ap.parse_args(argv)
     dev = torch.device(args.device)
     B, vocab = args.batch, 151665
     base = torch.randn(B, 152064, device=dev).to(torch.bfloat16)
@@ -39,14 +40,19 @@ def main() -> None:
     print("eager :", ids.tolist(), [round(x, 3) for x in logprobs.tolist()])
 
     if dev.type == "cuda":
+        # warm up with exactly the call that is captured: the logprobs call above is another kernel
+        # variant, and compiling (or sizing a workspace for) this one inside the capture would fail it
+        rast_sample(base, expert, expert_base, **kw)
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # the first eager call above compiled the kernels and sized the workspace
+        with torch.cuda.graph(graph):
             rast_sample(base, expert, expert_base, **kw)
         for step in range(args.steps):
             offset.fill_(step + 1)  # fresh random numbers per replay, no host read inside the step
             graph.replay()
             print(f"replay {step + 1}:", tokens.tolist())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

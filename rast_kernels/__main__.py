@@ -1,10 +1,12 @@
-"""Command line: ``python -m rast_kernels info`` | ``python -m rast_kernels demo [options]``."""
+"""Command line: python -m rast_kernels info | python -m rast_kernels demo [options] | --version."""
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import platform
 import sys
+
+from rast_kernels import _cli
 
 
 def _version(dist: str) -> str:
@@ -46,14 +48,18 @@ def info() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rast_kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    import rast_kernels
+
+    parser = _cli.ArgumentParser(prog="python -m rast_kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"rast_kernels {rast_kernels.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo}")
     sub.add_parser("info", help="versions, backends and GPU")
+    # the demo parses its own options (rast_kernels.toy.demo), so its --help is the full one
     sub.add_parser("demo", help="RAST on the embedded toy model trio (options: demo --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
-            parser.error(f"info takes no arguments, got {rest}")
+            parser.error(f"info takes no arguments, got {' '.join(rest)}")
         print(info())
         return 0
     from rast_kernels.toy.demo import main as demo_main

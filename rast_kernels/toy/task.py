@@ -18,6 +18,7 @@ stream (:func:`sample_problem` rejects them), so evaluation is on unseen bit str
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from dataclasses import dataclass
@@ -102,31 +103,70 @@ def is_heldout(prompt: str) -> bool:
     return h % HELDOUT_BUCKETS == 0
 
 
+HELDOUT_SIZE = 13059  # distinct held-out N_BITS-bit problems; tests/toy/test_task.py recounts it
+
+
+@functools.lru_cache(maxsize=None)
+def heldout_size(n_bits: int = N_BITS) -> int:
+    """How many distinct ``n_bits``-bit problems the held-out split has: the most :func:`heldout_problems`
+    can return (:data:`HELDOUT_SIZE` for ``N_BITS``). Counted by hashing all ``2**n_bits`` prompts."""
+    return sum(is_heldout(p) for p in _all_prompts(n_bits))
+
+
+def _all_prompts(n_bits: int):
+    return ("Q" + format(v, f"0{n_bits}b") + "=" for v in range(2 ** n_bits))
+
+
 def _random_problem(rng: random.Random, n: int = N_BITS) -> Problem:
     return Problem(tuple(rng.randrange(2) for _ in range(n)))
 
 
+# Rejection sampling below is bounded so that no generator here can loop forever: one draw lands in a
+# split with probability 1/5 or 4/5, so 10_000 misses in a row (p < 1e-900) means a broken rng or split.
+MAX_REJECTIONS = 10_000
+
+
 def sample_problem(rng: random.Random, heldout: bool = False) -> Problem:
     """A uniformly random problem from one split (``heldout=False``: never a held-out one)."""
-    while True:
+    for _ in range(MAX_REJECTIONS):
         p = _random_problem(rng)
         if is_heldout(p.prompt) == heldout:
             return p
+    raise RuntimeError(f"sample_problem: no {'held-out' if heldout else 'training'} problem in "
+                       f"{MAX_REJECTIONS} draws (is rng a random.Random?)")
 
 
 def heldout_problems(count: int, seed: int = 1234) -> list:
-    """``count`` distinct held-out problems; the list for a smaller ``count`` (same seed) is a prefix."""
+    """``count`` distinct held-out problems; the list for a smaller ``count`` (same seed) is a prefix.
+
+    ``count`` may be at most :data:`HELDOUT_SIZE` (13059): there are no more distinct held-out problems,
+    and asking for more used to wait forever. Problems are drawn at random (rejecting repeats) for the
+    first ``2 * HELDOUT_SIZE`` draws; if those do not give ``count`` problems (only counts close to
+    the whole split need that many), the missing ones follow from the unseen rest of the split in a
+    seeded random order. The switch depends only on the draw count, never on ``count``, so the prefix
+    property holds for every pair of counts, and the result is always exact and finite."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"count: expected an int, got {type(count).__name__}")
+    size = HELDOUT_SIZE
+    if not 0 <= count <= size:
+        raise ValueError(f"count: must be between 0 and {size} (the held-out split's size), got {count}")
     rng, seen, out = random.Random(seed), set(), []
-    while len(out) < count:
+    for _ in range(2 * size):
+        if len(out) >= count:
+            return out
         p = sample_problem(rng, heldout=True)
         if p.prompt not in seen:
             seen.add(p.prompt)
             out.append(p)
-    return out
+    rest = [parse_prompt(q) for q in _all_prompts(N_BITS) if q not in seen and is_heldout(q)]
+    rng.shuffle(rest)
+    return out + rest[:count - len(out)]
 
 
 def corpus_example(rng: random.Random, worked_fraction: float) -> tuple:
     """One pretraining document ``(prompt, completion)`` from the training split: worked style with
     probability ``worked_fraction``, direct style otherwise. Both styles are always correct."""
+    if not 0.0 <= worked_fraction <= 1.0:  # also False for NaN
+        raise ValueError(f"worked_fraction: must be in [0, 1], got {worked_fraction!r}")
     p = sample_problem(rng)
     return p.prompt, (p.worked() if rng.random() < worked_fraction else p.direct())

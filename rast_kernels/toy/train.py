@@ -1,4 +1,4 @@
-"""Train the toy trio and write its evaluation table (``python -m rast_kernels.toy.train``).
+"""Train the toy trio and write its evaluation table (python -m rast_kernels.toy.train).
 
 Pipeline, deterministic from ``--seed`` (same machine, same thread count):
 
@@ -15,7 +15,6 @@ Pipeline, deterministic from ``--seed`` (same machine, same thread count):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,11 +26,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..engine.loading import cache_kwarg
+from ..ops.philox import mix_seed
 from . import task
+from .common import DEFAULT_OUT, MAX_NEW_TOKENS, format_table, load_trio  # noqa: F401 (re-exported)
 from .tokenizer import EOS_ID, PAD_ID, VOCAB, build_tokenizer, decode, encode
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trio")
-MAX_NEW_TOKENS = 24  # the worked completion is N_BITS + 3 = 19 tokens
 
 
 @dataclass
@@ -116,8 +115,11 @@ def pretrain(model, cfg: TrainConfig, steps: int, lr: float, data_seed: int, log
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr)
         opt.zero_grad(set_to_none=True)
-        # two forwards, direct and worked documents apart: padding every row to the longest worked
-        # document would triple the cost. Weighting by token counts gives the plain token mean.
+        # NOTE: the first part is always empty (completions start with E, O or S, never "A"), so every
+        # batch runs as one forward padded to its longest document. Splitting direct from worked
+        # documents (on "S") would be cheaper, but it changes the float summation and so the shipped
+        # trio, which was trained with this code; the weighting by token counts is the plain token mean
+        # either way.
         parts = [[d for d in docs if d[1][0] == "A"], [d for d in docs if d[1][0] != "A"]]
         n_total = sum(len(encode(c)) for _, c in docs)
         loss = 0.0
@@ -135,12 +137,6 @@ def pretrain(model, cfg: TrainConfig, steps: int, lr: float, data_seed: int, log
             log(f"[pretrain {name}] step {step}/{steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     return model
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The Philox seed of evaluation row ``row`` under run seed ``seed`` (pass these as ``rast_generate``'s
-    per-prompt seed list to reproduce a sampled row exactly)."""
-    return (seed * 1_000_003 + row) % (2**62)
 
 
 @torch.no_grad()
@@ -167,7 +163,7 @@ def generate(models, prompts, *, alpha=1.0, temperature=0.0, top_p=1.0, seed=0, 
     out = [None] * len(prompts)
     for _, idx in sorted(groups.items()):
         ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
-        seeds = torch.tensor([row_seed(seed, row_ids[i]) for i in idx], dtype=torch.long)
+        seeds = torch.tensor([mix_seed(seed, row_ids[i]) for i in idx], dtype=torch.long)
         caches = [None] * len(trio)
         step_in = ids
         done = torch.zeros(len(idx), dtype=torch.bool)
@@ -293,31 +289,6 @@ def evaluate(models: dict, problems, alphas, *, temperature_sample=1.0, sample_s
     return table
 
 
-def load_trio(path: str = DEFAULT_OUT, device="cpu"):
-    """``{'base','expert','expert_base'}`` -> ``LlamaForCausalLM`` in eval mode, from ``path``."""
-    from transformers import AutoModelForCausalLM
-
-    return {k: AutoModelForCausalLM.from_pretrained(os.path.join(path, k)).to(device).eval()
-            for k in ("base", "expert", "expert_base")}
-
-
-def format_table(table) -> str:
-    """Markdown table: accuracy +- standard error (worked-style share) for greedy and sampled rows."""
-    rows = {}
-    for r in table:
-        rows.setdefault(r["row"], {})[r["decoding"]] = r
-    n = table[0]["n"]
-    lines = [f"| model (n = {n} held-out problems) | greedy acc | greedy worked | sample acc | sample worked |",
-             "|---|---|---|---|---|"]
-    for name, d in rows.items():
-        cells = []
-        for dec in ("greedy", "sample"):
-            r = d.get(dec)
-            cells += [f"{r['accuracy']:.3f} ± {r['stderr']:.3f}", f"{r['worked_share']:.2f}"] if r else ["", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def paired_gain(table, row_a, row_b, decoding):
     """Mean per-problem accuracy gain of ``row_a`` over ``row_b`` and its paired standard error."""
     a = next(r for r in table if r["row"] == row_a and r["decoding"] == decoding)["correct"]
@@ -365,14 +336,21 @@ def write_training_md(out: str, result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rast_kernels.toy.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: the package's trio/)")
-    ap.add_argument("--seed", type=int, default=0)
+    from .. import _cli
+
+    ap = _cli.ArgumentParser(prog="python -m rast_kernels.toy.train",
+                             description=__doc__.split("\n")[0].replace("``", ""))
+    ap.add_argument("--out", type=_cli.output_dir, default=DEFAULT_OUT,
+                    help="output folder, created if missing (default: the package's trio/)")
+    ap.add_argument("--seed", type=_cli.int_range(0), default=0, help="run seed, >= 0 (default 0)")
     ap.add_argument("--smoke", action="store_true", help="smallest setting, for CI (seconds)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; smoke 1)")
-    ap.add_argument("--eval-problems", type=int, default=None)
-    ap.add_argument("--worked-fraction", type=float, default=None)
-    ap.add_argument("--rl-steps", type=int, default=None)
+    ap.add_argument("--threads", type=_cli.int_range(1), default=None, help="torch threads, >= 1 (default 2; smoke 1)")
+    ap.add_argument("--eval-problems", type=_cli.int_range(1, task.HELDOUT_SIZE), default=None,
+                    help=f"held-out problems in the evaluation, 1..{task.HELDOUT_SIZE} (default 500; smoke 10)")
+    ap.add_argument("--worked-fraction", type=_cli.float_range(0.0, 1.0), default=None,
+                    help="share of worked-style documents in the pretraining corpus, in [0, 1] (default 0.15)")
+    ap.add_argument("--rl-steps", type=_cli.int_range(0), default=None,
+                    help="GRPO steps for the expert, >= 0 (default 100; smoke 3)")
     args = ap.parse_args(argv)
 
     over = {k: v for k, v in dict(seed=args.seed, eval_problems=args.eval_problems,

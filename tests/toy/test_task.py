@@ -71,3 +71,42 @@ def test_tokenizer_matches_fast_encoder():
         assert decode(encode(text)) == text.replace(task.EOS, "")
         assert tok.decode(encode(text), skip_special_tokens=True) == decode(encode(text))
     assert tok.eos_token_id == EOS_ID and tok.pad_token_id == PAD_ID and len(tok) == len(VOCAB)
+
+
+def test_heldout_size_is_the_count_of_the_split():
+    assert task.heldout_size() == task.HELDOUT_SIZE
+    assert task.heldout_size(4) == sum(task.is_heldout("Q" + format(v, "04b") + "=") for v in range(16))
+
+
+def test_heldout_problems_whole_split_terminates_and_keeps_prefixes():
+    # asking for the whole split used to take the coupon-collector tail; more than it used to hang
+    full = task.heldout_problems(task.HELDOUT_SIZE)
+    assert len({p.prompt for p in full}) == task.HELDOUT_SIZE and all(task.is_heldout(p.prompt) for p in full)
+    assert full[:500] == task.heldout_problems(500)  # the shipped evaluation set is unchanged
+    # a count the random draws alone do not reach (it takes the seeded remainder too) is still a prefix
+    assert task.heldout_problems(12500) == full[:12500]
+    assert task.heldout_problems(0) == []
+
+
+@pytest.mark.parametrize("count,exc", [(task.HELDOUT_SIZE + 1, ValueError), (100000, ValueError), (-1, ValueError),
+                                       (2.0, TypeError), (True, TypeError)])
+def test_heldout_problems_rejects_impossible_counts(count, exc):
+    with pytest.raises(exc, match="count"):
+        task.heldout_problems(count)
+
+
+def test_sample_problem_raises_instead_of_looping():
+    class Stuck(random.Random):  # always the same bits: only one split can ever be hit
+        def randrange(self, *a, **k):
+            return 0
+
+    other_split = not task.is_heldout("Q" + "0" * task.N_BITS + "=")
+    with pytest.raises(RuntimeError, match="sample_problem"):
+        task.sample_problem(Stuck(0), heldout=other_split)
+    assert task.sample_problem(Stuck(0), heldout=not other_split).bits == (0,) * task.N_BITS
+
+
+@pytest.mark.parametrize("frac", [-0.1, 1.5, float("nan")])
+def test_corpus_example_rejects_bad_fraction(frac):
+    with pytest.raises(ValueError, match="worked_fraction"):
+        task.corpus_example(random.Random(0), frac)
