@@ -152,7 +152,8 @@ def choose_attn_implementation(model, requested: Optional[str], device, role: st
     """The attention ``model`` (the engine's ``role``) runs on ``device``.
 
     ``requested`` None: the first of ``"rast_decode"`` (only on CUDA with Triton importable), ``"sdpa"``,
-    ``"eager"`` that :func:`attn_refusal` accepts. A name: that one, or ``ValueError`` naming ``role`` when
+    ``"eager"`` that :func:`attn_refusal` accepts (a class that cannot switch after construction, e.g. Falcon,
+    keeps the one it was built with). A name: that one, or ``ValueError`` naming ``role`` when
     the model cannot run it (``"rast_decode"`` may be requested on CPU: the kernel then runs its PyTorch
     reference, or Triton under ``TRITON_INTERPRET=1``); an unknown name: ``ValueError`` naming
     ``attn_implementation``."""
@@ -165,6 +166,13 @@ def choose_attn_implementation(model, requested: Optional[str], device, role: st
         return requested
     from .. import _backends
 
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():  # fixed at construction: keep what it has, if that is usable
+        current = getattr(model.config, "_attn_implementation", None) or "eager"
+        if current not in SUPPORTED_ATTN or attn_refusal(model, current) is not None:
+            raise ValueError(f"{role}: {type(model).__name__} cannot change its attention after construction "
+                             f"and has {current!r}; load it with attn_implementation='eager' or 'sdpa'")
+        return current
     kernel_ok = torch.device(device).type == "cuda" and _backends.has_triton()
     for name in ATTN_PREFERENCE:
         if name == "rast_decode" and not kernel_ok:
