@@ -1,4 +1,5 @@
-"""rope_cache_write: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against rope_cache_write_reference."""
+"""rope_cache_write: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against rope_cache_write_reference, with
+static [B, H_kv, S_max, D] caches and [NSLOT, H_kv, D] slot pools."""
 import importlib
 
 import pytest
@@ -230,6 +231,98 @@ def test_reference_is_a_rotation():
     assert torch.equal(k_cache[0, :, :5], old_k[0, :, :5]) and torch.equal(k_cache[1, :, 1:], old_k[1, :, 1:])
 
 
+# ------------------------------------------------------------------------------------------------ slot pools
+def make_pool_inputs(batch, h_q, h_kv, n_slots, dim, dtype, g):
+    """Inputs with [NSLOT, H_kv, D] slot pools (random old contents, so that a write to a wrong slot shows)."""
+    q, k, v, cos, sin, _, _ = make_inputs(batch, h_q, h_kv, 1, dim, dtype, g)
+    k_pool = torch.randn(n_slots, h_kv, dim, generator=g).to(dtype).to(DEVICE)
+    v_pool = torch.randn(n_slots, h_kv, dim, generator=g).to(dtype).to(DEVICE)
+    return q, k, v, cos, sin, k_pool, v_pool
+
+
+def check_pool(q, k, v, cos, sin, k_pool, v_pool, slot, pool_bases=None):
+    """As check(), for slot pools: q and the addressed slots against the reference, every other element of the
+    pools (or of the ``pool_bases`` they are views of) unchanged. Assumes distinct slots."""
+    bases = pool_bases or (k_pool, v_pool)
+    old = [base.clone() for base in bases]
+    want_kc, want_vc = k_pool.clone(), v_pool.clone()
+    got = rope_cache_write(q, k, v, cos, sin, k_pool, v_pool, slot, backend="triton")
+    want = rope_cache_write_reference(q, k, v, cos, sin, want_kc, want_vc, slot)
+    assert_rotated(got, want, q)
+    idx = slot.to(torch.int64).expand(q.shape[0])
+    assert_rotated(k_pool[idx], want_kc[idx], k)
+    assert bitwise_equal(v_pool[idx], v) and bitwise_equal(want_vc[idx], v)
+    for base, before, pool in zip(bases, old, (k_pool, v_pool)):
+        mark = torch.zeros(base.shape, dtype=torch.bool, device=DEVICE)
+        mark.as_strided(pool.shape, pool.stride(), pool.storage_offset() - base.storage_offset())[idx] = True
+        assert mark.sum() == idx.numel() * pool.shape[1] * pool.shape[2]
+        assert bitwise_equal(base[~mark], before[~mark]), "a slot that is not addressed changed"
+    return got
+
+
+# (batch, h_q, h_kv, dim, n_slots, slots): GQA 1, 2, 7; head dims 64, 128, 80 and 2; the first and last slot, slots
+# out of row order, one row
+POOL_CASES = [
+    (3, 3, 3, 64, 40, [39, 0, 17]),
+    (4, 8, 4, 128, 13, [5, 12, 2, 6]),
+    (1, 7, 1, 80, 3, [1]),
+    (2, 4, 2, 2, 9, [8, 3]),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,h_q,h_kv,dim,n_slots,slots", POOL_CASES)
+def test_slot_pool_matches_reference(dtype, batch, h_q, h_kv, dim, n_slots, slots):
+    g = gen("pool", dtype, batch, h_q, h_kv, dim, n_slots, slots)
+    args = make_pool_inputs(batch, h_q, h_kv, n_slots, dim, dtype, g)
+    check_pool(*args, torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_pool_views(dtype):
+    # the engine's pools [NB, BS, H_kv, D] seen as flat slots (block * BS + offset), and a pool whose heads are
+    # every other head of a wider one (slot and head strides of its own); int64 slots
+    g = gen("paged views", dtype)
+    batch, h_q, h_kv, dim, n_blocks, bs = 3, 6, 2, 64, 5, 7
+    q, k, v, cos, sin, _, _ = make_pool_inputs(batch, h_q, h_kv, 1, dim, dtype, g)
+    k_blocks = torch.randn(n_blocks, bs, h_kv, dim, generator=g).to(dtype).to(DEVICE)
+    wide_v = torch.randn(n_blocks * bs, 2 * h_kv, dim, generator=g).to(dtype).to(DEVICE)
+    k_pool, v_pool = k_blocks.view(n_blocks * bs, h_kv, dim), wide_v[:, 1::2]
+    assert not v_pool.is_contiguous()
+    slot = torch.tensor([4 * bs + 6, 0 * bs + 3, 2 * bs], device=DEVICE)  # the last, a middle and a first offset
+    check_pool(q, k, v, cos, sin, k_pool, v_pool, slot, pool_bases=(k_blocks, wide_v))
+    assert bitwise_equal(k_blocks[4, 6], k_pool[slot[0]])  # slot 4 * BS + 6 is block 4, offset 6
+
+
+@needs_triton
+def test_rows_sharing_a_scratch_slot():
+    # inert rows all write the engine's scratch slot: the live rows' slots are exact, the scratch slot holds the
+    # inert rows' values, nothing else changes
+    g = gen("scratch")
+    batch, h_q, h_kv, dim, n_slots, scratch = 5, 4, 2, 64, 12, 11
+    q, k, v, cos, sin, k_pool, v_pool = make_pool_inputs(batch, h_q, h_kv, n_slots, dim, torch.float16, g)
+    slot = torch.tensor([3, scratch, 7, scratch, scratch], device=DEVICE)
+    old_k, old_v = k_pool.clone(), v_pool.clone()
+    want_kc, want_vc = k_pool.clone(), v_pool.clone()
+    got = rope_cache_write(q, k, v, cos, sin, k_pool, v_pool, slot, backend="triton")
+    want = rope_cache_write_reference(q, k, v, cos, sin, want_kc, want_vc, slot)
+    assert bitwise_equal(got, want)
+    live = torch.tensor([0, 2], device=DEVICE)
+    assert bitwise_equal(k_pool[slot[live]], want_kc[slot[live]]) and bitwise_equal(v_pool[slot[live]], v[live])
+    # every row's rotated k, from the reference writing each row to a slot of its own
+    rot_k = torch.empty(batch, h_kv, dim, dtype=k.dtype, device=DEVICE)
+    rope_cache_write_reference(q, k, v, cos, sin, rot_k, torch.empty_like(rot_k), torch.arange(batch, device=DEVICE))
+    # programs of different rows (and heads) race on the slot, so each element holds one of the inert rows' values
+    inert = torch.tensor([1, 3, 4], device=DEVICE)
+    for got_slot, rows in ((k_pool[scratch], rot_k[inert]), (v_pool[scratch], v[inert])):
+        assert (got_slot.view(torch.int16)[None] == rows.view(torch.int16)).any(0).all()
+    untouched = torch.ones(n_slots, dtype=torch.bool, device=DEVICE)
+    untouched[slot] = False
+    assert bitwise_equal(k_pool[untouched], old_k[untouched]) and bitwise_equal(v_pool[untouched], old_v[untouched])
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _good():
     q, k, v, cos, sin, k_cache, v_cache = make_inputs(2, 4, 2, 5, 8, torch.float32, gen("good"))
@@ -287,12 +380,36 @@ BAD = [
     (dict(v_cache=torch.zeros(2, 2, 8, 5).transpose(2, 3)), ValueError, "v_cache"),
     (dict(backend="cpu"), ValueError, "backend"),
     (dict(backend=None), ValueError, "backend"),
+    # slot pools [NSLOT, H_kv, D]
+    (dict(k_cache=torch.zeros(9, 3, 8), v_cache=torch.zeros(9, 3, 8)), ValueError, "k_cache"),  # H_kv
+    (dict(k_cache=torch.zeros(9, 2, 6), v_cache=torch.zeros(9, 2, 6)), ValueError, "k_cache"),  # D
+    (dict(k_cache=torch.zeros(0, 2, 8), v_cache=torch.zeros(0, 2, 8)), ValueError, "k_cache"),  # no slot
+    (dict(k_cache=torch.zeros(9, 2, 8), v_cache=torch.zeros(8, 2, 8)), ValueError, "v_cache"),
+    (dict(k_cache=torch.zeros(9, 2, 8)), ValueError, "v_cache"),  # one pool, one static cache
+    (dict(k_cache=torch.zeros(9, 2, 8), v_cache=torch.zeros(9, 2, 8, dtype=F16)), TypeError, "v_cache"),
+    (dict(k_cache=torch.zeros(9, 8, 2).transpose(1, 2), v_cache=torch.zeros(9, 2, 8)), ValueError, "k_cache"),
+    (dict(k_cache=torch.zeros(9, 2, 8), v_cache=torch.zeros(9, 2, 8), col=torch.zeros(2, 2, dtype=I64)),
+     ValueError, "col"),
 ]
 
 
 @pytest.mark.parametrize("change,exc,name", BAD)
 def test_bad_input(change, exc, name):
     raises_naming(rope_cache_write, _good(), change, exc, name)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the range of col is checked on the CPU only (no sync on a GPU)")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("pool,col", [(False, [0, 5]), (False, [-1, 0]), (True, [9, 0]), (True, [3, -2]),
+                                      (True, [9])])
+def test_col_out_of_range_on_cpu(backend, pool, col):
+    # S_max is 5 in the static cache, NSLOT 9 in the pool; both backends check before writing anything
+    if backend == "triton" and not _backends.triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    change = dict(col=torch.tensor(col), backend=backend)
+    if pool:
+        change.update(k_cache=torch.zeros(9, 2, 8), v_cache=torch.zeros(9, 2, 8))
+    raises_naming(rope_cache_write, _good(), change, ValueError, "col")
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
