@@ -107,3 +107,12 @@ def mix_seed(seed: int, index: int) -> int:
     z = ((z ^ (z >> 27)) * SEED_MUL2) & _MASK64
     z ^= z >> 31
     return z - (1 << 64) if z >= (1 << 63) else z
+
+
+def row_seeds(seed, batch: int, device=None) -> torch.Tensor:
+    """The int64 Philox seeds ``[B]`` of :func:`rast_kernels.rast_sample`'s rows: a ``[B]`` tensor is used as
+    given (batch-invariant: a row's stream does not depend on its position); a number gives row ``b`` the seed
+    ``mix_seed(seed, b)``, so identical rows under one scalar seed still draw independently."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device if device is not None else seed.device, dtype=torch.int64).reshape(batch)
+    return torch.tensor([mix_seed(seed, b) for b in range(batch)], dtype=torch.int64, device=device)

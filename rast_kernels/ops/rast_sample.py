@@ -14,9 +14,11 @@ Semantics (the spec every backend is tested against; see :mod:`.rast_sample_refe
    ``prob >= min_p * max prob``. Ties at a boundary are kept, so the kept set never depends on sort
    order, and the most probable token is always kept.
 4. The draw is exact: ``argmax over kept i of (z'_i - log E_i)`` (exponential race, equivalent to
-   Gumbel-max) with ``E_i ~ Exp(1)`` from Philox4x32-10 keyed by ``(seed, offset, column)`` of that row
-   only (:mod:`.philox`). The same row with the same seed and offset gives the same token whatever else
-   is in the batch and whatever the backend.
+   Gumbel-max) with ``E_i ~ Exp(1)`` from Philox4x32-10 keyed by ``(row seed, offset, column)`` of that
+   row only (:mod:`.philox`). The row seed of row ``b`` is ``seed[b]`` for a ``[B]`` seed tensor (used as
+   given: batch-invariant) and ``mix_seed(seed, b)`` (:func:`.philox.mix_seed`) for a number, so identical
+   rows under one scalar seed draw independently. With a seed tensor, the same row with the same seed and
+   offset gives the same token whatever else is in the batch; with any seed, whatever the backend.
 5. A row whose combined logits hold NaN or ``+inf``, in which every column is masked, or whose
    per-row parameter tensor value is out of range (``temperature`` negative, NaN or ``+inf``, ``top_k``
    negative, ``top_p`` outside ``(0, 1]``, ``min_p`` outside ``[0, 1]``) gets token ``-1`` and logprob
@@ -33,6 +35,7 @@ import torch
 
 from .. import _backends
 from ._checks import require_float, require_like, require_tensors
+from .philox import row_seeds
 from .rast_sample_reference import rast_sample_reference
 
 Param = Union[float, int, torch.Tensor]
@@ -40,9 +43,10 @@ _BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
 @dataclass
-class SamplingParams:
-    """Validated sampling parameters: each a Python number or a ``[B]`` tensor on the logits' device
-    (float32 for ``alpha``, ``temperature``, ``top_p``, ``min_p``; int64 for ``top_k``, ``seed``, ``offset``)."""
+class _SamplerArgs:
+    """The call's validated sampling parameters: each a Python number or a ``[B]`` tensor on the logits' device
+    (float32 for ``alpha``, ``temperature``, ``top_p``, ``min_p``; int64 for ``top_k``, ``seed``, ``offset``).
+    Internal to this module (the public ``SamplingParams`` is the engine's per-request settings)."""
 
     alpha: Param
     temperature: Param
@@ -52,13 +56,17 @@ class SamplingParams:
     seed: Param
     offset: Param
 
-    def as_tensors(self, batch: int, device) -> "SamplingParams":
+    def as_dict(self) -> dict:
+        """``{name: value}`` (the same objects: tensors are not copied, unlike ``dataclasses.asdict``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def as_tensors(self, batch: int, device) -> "_SamplerArgs":
         """Every field as a contiguous ``[B]`` tensor (numbers broadcast)."""
         def full(name, value):
             if isinstance(value, torch.Tensor):
                 return value
             return torch.full((batch,), value, dtype=_PARAM_DTYPES[name], device=device)
-        return SamplingParams(**{f.name: full(f.name, getattr(self, f.name)) for f in fields(self)})
+        return _SamplerArgs(**{name: full(name, value) for name, value in self.as_dict().items()})
 
 
 _PARAM_DTYPES = {
@@ -142,10 +150,16 @@ def rast_sample(
     base_logits, expert_logits, expert_base_logits : torch.Tensor
         ``[B, V_base]``, ``[B, V_expert]``, ``[B, V_expert_base]``; float32, bfloat16 or float16 (may
         differ); one device; last dim contiguous, any row stride. Widths may differ.
-    alpha, temperature, top_k, top_p, min_p, seed, offset : number or torch.Tensor
+    alpha, temperature, top_k, top_p, min_p, offset : number or torch.Tensor
         Python numbers, or ``[B]`` tensors on the logits' device holding per-row values. Nothing is
         read back to the host, so the call can be captured in a CUDA graph; advance an ``offset``
         tensor in place between replays for fresh draws.
+    seed : int or torch.Tensor
+        A ``[B]`` integer tensor on the logits' device: each row's Philox seed (as int64), used as given
+        (batch-invariant: a row draws the same token wherever it sits in the batch; what the engine
+        passes). A number ``s`` gives row ``b`` the seed ``mix_seed(s, b)`` (:func:`rast_kernels.ops.philox.mix_seed`, SplitMix64), so rows never
+        share a stream: ``B`` copies of one row under ``seed=7`` are ``B`` independent draws. On CUDA the
+        mixing happens inside the kernel (no host-to-device copy: still graph-capturable).
     vocab_size : int, optional
         Number of real token ids (default: the narrowest width). Columns at or past it are never drawn.
     out : torch.Tensor, optional
@@ -173,7 +187,7 @@ def rast_sample(
     elif not 0 < vocab_size <= widest_allowed:
         raise ValueError(f"vocab_size: must be in [1, {widest_allowed}] (the narrowest logits width), got {vocab_size}")
     vocab_size = int(vocab_size)
-    params = SamplingParams(**{
+    params = _SamplerArgs(**{
         name: _check_param(name, value, batch, device)
         for name, value in dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, seed=seed, offset=offset).items()
@@ -194,14 +208,17 @@ def rast_sample(
     logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
     if backend == "torch":
         t, lp = rast_sample_reference(base_logits, expert_logits, expert_base_logits, vocab_size=vocab_size,
-                                      return_logprobs=True, **{f.name: getattr(params, f.name) for f in fields(params)})
+                                      return_logprobs=True, **params.as_dict())
         tokens.copy_(t)
         if logprobs is not None:
             logprobs.copy_(lp)
     elif backend == "triton":
         from .rast_sample_triton import rast_sample_triton
-        rast_sample_triton(base_logits, expert_logits, expert_base_logits, params, vocab_size, tokens, logprobs)
+        rast_sample_triton(base_logits, expert_logits, expert_base_logits, params.as_dict(), vocab_size, tokens,
+                           logprobs)
     else:
+        # the C++ kernel takes [B] seeds as given: a number is mixed per row here (CPU, no device copy)
+        params.seed = row_seeds(params.seed, batch, device)
         p = params.as_tensors(batch, device)
         _backends.cpp_module().rast_sample_cpu(
             base_logits, expert_logits, expert_base_logits, p.alpha, p.temperature, p.top_k, p.top_p,

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .philox import exponential_noise
+from .philox import exponential_noise, row_seeds
 
 
 def _per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -67,7 +67,8 @@ def rast_sample_reference(
 ):
     """Reference RAST sampling step; same arguments and results as :func:`rast_kernels.rast_sample`
     (arguments are assumed valid). ``dtype``: float32 or float64 math for the combination and filters.
-    Per-row parameter values that are out of range give that row token ``-1``."""
+    Per-row parameter values that are out of range give that row token ``-1``. A number ``seed`` gives row
+    ``b`` the Philox seed ``mix_seed(seed, b)``; a ``[B]`` tensor is used as given (:func:`.philox.row_seeds`)."""
     vocab_size = vocab_size or min(t.shape[1] for t in (base_logits, expert_logits, expert_base_logits))
     batch, device = base_logits.shape[0], base_logits.device
     z = combined_logits(base_logits, expert_logits, expert_base_logits, alpha, vocab_size, dtype)
@@ -92,7 +93,7 @@ def rast_sample_reference(
         rows = sample.nonzero().flatten()
         zs = z[rows] / temp[rows].unsqueeze(1)
         keep = kept_mask(zs, k[rows], p[rows], m[rows])
-        seeds = _per_row(seed, batch, torch.int64, device)[rows]
+        seeds = row_seeds(seed, batch, device)[rows]
         offsets = _per_row(offset, batch, torch.int64, device)[rows]
         noise = exponential_noise(seeds, offsets, vocab_size)
         race = torch.where(keep, zs.float() - torch.log(noise), torch.full_like(noise, -math.inf))

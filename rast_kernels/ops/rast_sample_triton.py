@@ -54,6 +54,7 @@ differ from PyTorch's CPU ``log`` in the last bit: a race between two columns wh
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -86,7 +87,7 @@ except ImportError:  # pragma: no cover - private names; same combine functions,
     def _csum(a, b):
         return a + b
 
-__all__ = ["rast_sample_triton", "philox_noise_triton", "launch_config", "reserve_workspace"]
+__all__ = ["rast_sample_triton", "philox_noise_triton", "launch_config", "reserve_workspace", "workspace_device"]
 
 # kernel constants (globals used in @triton.jit code must be tl.constexpr)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -183,11 +184,30 @@ def _row_words(row, ptr, lo, hi, FROM_TENSOR: tl.constexpr):
 
 
 @triton.jit
+def _mixed_seed_words(row, lo, hi):
+    """(low, high) uint32 words of ``mix_seed(seed, row)`` (:func:`.philox.mix_seed`, SplitMix64's finaliser,
+    uint64 wrap-around arithmetic) for the host number ``seed`` given as two int32 halves. Computed here, not
+    on the host, so that a call with a number seed needs no ``[B]`` seed tensor (no host-to-device copy: the
+    call stays capturable in a CUDA graph)."""
+    s = (hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.uint64)
+    z = tl.add(s, tl.mul(row.to(tl.uint64) + 1, 0x9E3779B97F4A7C15, sanitize_overflow=False),
+               sanitize_overflow=False)
+    z = tl.mul(z ^ (z >> 30), 0xBF58476D1CE4E5B9, sanitize_overflow=False)
+    z = tl.mul(z ^ (z >> 27), 0x94D049BB133111EB, sanitize_overflow=False)
+    z = z ^ (z >> 31)
+    return z.to(tl.uint32), (z >> 32).to(tl.uint32)
+
+
+@triton.jit
 def _philox_key(row, seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi, SEED_T: tl.constexpr,
                 OFF_T: tl.constexpr):
     """The row's Philox key (k0, k1) = seed words and counter words (c1, c2) = offset words (uint32), from
-    ``[B]`` int64 tensors or from host numbers split into 32-bit halves."""
-    k0, k1 = _row_words(row, seed_ptr, seed_lo, seed_hi, SEED_T)
+    ``[B]`` int64 tensors or from host numbers split into 32-bit halves. A ``[B]`` seed is used as given; a
+    number seed is mixed with the row index (the spec: row ``b`` draws with ``mix_seed(seed, b)``)."""
+    if SEED_T:
+        k0, k1 = _row_words(row, seed_ptr, seed_lo, seed_hi, SEED_T)
+    else:
+        k0, k1 = _mixed_seed_words(row, seed_lo, seed_hi)
     c1, c2 = _row_words(row, off_ptr, off_lo, off_hi, OFF_T)
     return k0, k1, c1, c2
 
@@ -362,7 +382,11 @@ def _rast_finish_kernel(
 
     zmax = tl.reduce(m_c, 0, _cmax)
     zmax_safe = tl.where(zmax == _NEG_INF, 0.0, zmax)
-    total = tl.reduce(s_c * tl.exp(m_c - zmax_safe), 0, _csum)
+    # (the logprob's normaliser of rows without a filter; the top-p mass is summed from exp(z' - max) below)
+    if PRECISE:
+        total = tl.reduce(s_c * libdevice.exp(m_c - zmax_safe), 0, _csum)
+    else:
+        total = tl.reduce(s_c * tl.exp(m_c - zmax_safe), 0, _csum)
     g_max = tl.reduce(g_c, 0, _cmax)
     g_idx = tl.reduce(tl.where(g_c == g_max, gi_c, _INT32_MAX), 0, _cmin)  # chunks hold increasing ids
     r_max = tl.reduce(r_c, 0, _cmax)
@@ -398,20 +422,22 @@ def _rast_finish_kernel(
             # top-p on the top-k-kept set (key >= tau_k): P(t) = H(t) < p * S_k for t > tau_k, with
             # H(t) = sum of exp(z' - max) over key >= t (monotone in t: non-negative terms, fixed order)
             if p < 1.0:
-                mass_k = total
-                if k_on:
-                    t32 = tau.to(tl.int32)
-                    acc = tl.zeros((BLOCK,), tl.float32)
-                    for start in range(0, NW, BLOCK):
-                        zp = tl.load(ws_row + start + offs)
-                        kb = tl.where(zp == 0.0, 0.0, zp).to(tl.int32, bitcast=True)
-                        key = kb ^ ((kb >> 31) & 0x7FFFFFFF)
-                        if PRECISE:
-                            w = libdevice.exp(zp - zmax)
-                        else:
-                            w = tl.exp(zp - zmax)
-                        acc += tl.where(key >= t32, w, 0.0)
-                    mass_k = tl.reduce(acc, 0, _csum)
+                # S_k = H(tau_k) from the same terms exp(z' - max) as the search's H(t), one exp
+                # implementation (libdevice's when PRECISE), also without top-k (tau_k = key(-inf)): kernel 1's
+                # chunk sums (exp(z' - chunk max) rescaled, approximate exp) differ from H in the last bits,
+                # enough to move a boundary the reference resolves exactly
+                t32 = tau.to(tl.int32)
+                acc = tl.zeros((BLOCK,), tl.float32)
+                for start in range(0, NW, BLOCK):
+                    zp = tl.load(ws_row + start + offs)
+                    kb = tl.where(zp == 0.0, 0.0, zp).to(tl.int32, bitcast=True)
+                    key = kb ^ ((kb >> 31) & 0x7FFFFFFF)
+                    if PRECISE:
+                        w = libdevice.exp(zp - zmax)
+                    else:
+                        w = tl.exp(zp - zmax)
+                    acc += tl.where(key >= t32, w, 0.0)
+                mass_k = tl.reduce(acc, 0, _csum)
                 tau = _threshold_search(ws_row, NW, tau, key_max + 1, key_guess, zmax, p * mass_k, True,
                                         BLOCK, NP, PRECISE)
             # final pass over key >= tau and (min-p) exp(z' - max) >= min_p: race and kept mass;
@@ -477,6 +503,7 @@ def _noise_debug_kernel(seed_ptr, off_ptr, col_ptr, words_ptr, exp_ptr, NCOL, BL
 # host side
 # ----------------------------------------------------------------------------------------------------
 _WORKSPACE: dict = {}
+_PARAM_NAMES = ("alpha", "temperature", "top_k", "top_p", "min_p", "seed", "offset")
 
 
 def _precise(device: torch.device) -> bool:
@@ -506,13 +533,30 @@ def launch_config(batch: int, vocab_size: int, device: torch.device | None = Non
     return chunk, nchunk, min(chunk, BLOCK1), min(chunk, BLOCK2)
 
 
+def workspace_device(device) -> torch.device:
+    """The device under which the sampler's workspace is cached (the one key used by :func:`reserve_workspace`
+    and by every launch): ``"cuda"`` without an index is the current CUDA device (``cuda:<i>``, what a CUDA
+    tensor's ``.device`` reports), any CPU device is ``cpu``. Without this, a reservation made for ``"cuda"``
+    would miss the launch's ``cuda:0`` and the launch would allocate (fatal during graph capture)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return device
+
+
 def reserve_workspace(batch: int, vocab_size: int, device, filters: bool = True, chunk: int | None = None):
     """Grow the cached workspace of ``device`` for calls of this size and return it: fp32, ``8 * B * NCHUNK``
     chunk statistics plus, when filters may be active, ``B * NCHUNK * CHUNK`` (about ``B * V``) for ``z'``.
-    One buffer per device, grown but never shrunk, used in stream order: calls running concurrently on
-    two streams of one device would share it. Call it (or make one eager call of the largest size)
-    before capturing a CUDA graph, so that no allocation happens during capture."""
-    device = torch.device(device)
+    One buffer per device (keyed by :func:`workspace_device`: ``"cuda"`` and ``"cuda:0"`` are one device
+    when device 0 is current), grown but never shrunk, used in stream order: calls running concurrently
+    on two streams of one device would share it. Call it (or make one eager call of the largest size)
+    before capturing a CUDA graph, so that no allocation happens during capture. The buffer stays cached,
+    but a caller that captures graphs should also keep the returned tensor alive for as long as it
+    replays them: a later, bigger reservation replaces the cached buffer, and the graphs keep using the
+    memory of the one they were captured with."""
+    device = workspace_device(device)
     chunk, nchunk, _, _ = launch_config(batch, vocab_size, device, chunk)
     need = 8 * batch * nchunk + (batch * nchunk * chunk if filters else 0)
     buf = _WORKSPACE.get(device)
@@ -536,9 +580,12 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
     """Triton backend of :func:`rast_kernels.rast_sample` (arguments already validated there).
 
     ``base``, ``expert``, ``expert_base``: ``[B, *]`` fp32/bf16/fp16, last dim contiguous, any row
-    stride; columns ``< vocab_size`` are used. ``params``: :class:`~.rast_sample.SamplingParams`
-    (numbers, or ``[B]`` contiguous float32/int64 tensors whose values are checked per row in the
-    kernel). Fills ``tokens`` (int64 ``[B]``) and, unless None, ``logprobs`` (fp32 ``[B]``) in place.
+    stride; columns ``< vocab_size`` are used. ``params``: a mapping with the keys ``alpha``,
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``offset``, each a valid number or a
+    ``[B]`` contiguous float32 (int64 for ``top_k``, ``seed``, ``offset``) tensor on the logits' device,
+    whose values are checked per row in the kernel; a number ``seed`` is mixed per row in the kernel
+    (``mix_seed(seed, b)``). Fills ``tokens`` (int64 ``[B]``) and, unless None, ``logprobs`` (fp32
+    ``[B]``) in place.
     ``chunk``: override of the chunk width (power of two), for tests and tuning.
     """
     batch = base.shape[0]
@@ -546,9 +593,8 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
         return
     device = base.device
     V = int(vocab_size)
-    T = torch.Tensor
-    is_t = {name: isinstance(getattr(params, name), T)
-            for name in ("alpha", "temperature", "top_k", "top_p", "min_p", "seed", "offset")}
+    params = SimpleNamespace(**{name: params[name] for name in _PARAM_NAMES})
+    is_t = {name: isinstance(getattr(params, name), torch.Tensor) for name in _PARAM_NAMES}
     filters = (is_t["top_k"] or is_t["top_p"] or is_t["min_p"]
                or 0 < params.top_k < V or params.top_p < 1.0 or params.min_p > 0.0)
     CHUNK, NCHUNK, B1, B2 = launch_config(batch, V, device, chunk)

@@ -9,7 +9,6 @@ import sm90  # tests/ops/sm90.py
 from op_testing import DEVICE, needs_triton, without_gpu
 from rast_kernels import _backends, rast_sample
 from rast_kernels.ops import philox
-from rast_kernels.ops.rast_sample import SamplingParams
 from rast_kernels.ops.rast_sample_reference import rast_sample_reference
 
 pytestmark = [
@@ -42,7 +41,7 @@ def _logits(batch, width, seed, dtype=torch.float32, ties=False, masked=0.0, sca
 
 def _params(**kw):
     p = dict(DEFAULTS, **kw)
-    return SamplingParams(**{n: p[n].to(DEVICE) if isinstance(p[n], torch.Tensor) else p[n] for n in NAMES})
+    return {n: p[n].to(DEVICE) if isinstance(p[n], torch.Tensor) else p[n] for n in NAMES}
 
 
 def _run(base, expert, expert_base, vocab_size=None, chunk=None, **kw):
@@ -158,14 +157,16 @@ def test_boundary_ties_kept_over_many_draws():
 
 
 def test_large_seeds_and_offsets_as_numbers():
-    """Scalar seeds/offsets anywhere in int64 (split into int32 halves on the host) draw as tensors do."""
+    """Scalar seeds/offsets anywhere in int64 (split into int32 halves on the host, the seed mixed per row in
+    the kernel) draw as the tensors ``[mix_seed(seed, b)]`` and ``[offset] * B`` do, with and without a filter."""
     base, expert, expert_base = (_logits(2, 200, 40 + i) for i in range(3))
-    for seed, offset in ((2**63 - 1, -2**63), (-1, 2**32 + 1), (0x0123456789ABCDEF, 1)):
-        as_numbers = _run(base, expert, expert_base, seed=seed, offset=offset, top_p=0.9)
-        as_tensors = _run(base, expert, expert_base, seed=torch.tensor([seed] * 2),
-                          offset=torch.tensor([offset] * 2), top_p=0.9)
+    for (seed, offset), filt in zip(((2**63 - 1, -2**63), (-1, 2**32 + 1), (0x0123456789ABCDEF, 1), (0, 0)),
+                                    (dict(top_p=0.9), dict(), dict(top_k=50), dict())):
+        as_numbers = _run(base, expert, expert_base, seed=seed, offset=offset, **filt)
+        as_tensors = _run(base, expert, expert_base, seed=torch.tensor([philox.mix_seed(seed, b) for b in range(2)]),
+                          offset=torch.tensor([offset] * 2), **filt)
         _assert_same(as_numbers, as_tensors)
-        _assert_same(as_numbers, _ref(base, expert, expert_base, seed=seed, offset=offset, top_p=0.9))
+        _assert_same(as_numbers, _ref(base, expert, expert_base, seed=seed, offset=offset, **filt))
 
 
 def test_strided_rows_and_vocab_size():
