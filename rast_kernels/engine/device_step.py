@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from ..ops.rast_sample import rast_sample
+from ..ops.rast_sample_reference import combined_logits
 from .cache import PagedKVCache
 from .fused_decode import FusedDecoder
 from .loading import cache_kwarg, set_attn_implementation
@@ -35,6 +36,26 @@ from .sampling_params import MAX_EOS_IDS
 # per-row finish codes held on the device
 RUNNING, EOS, LENGTH, ERROR = 0, 1, 2, 3
 RING = 64  # tokens a row may produce between two host reads (a poll window plus one deferred window, and more)
+# per-token delta diagnostics (RastEngine(diagnostics=True)), in ring order; see delta_diagnostics
+DIAGNOSTICS = ("argmax_flip", "kl_base_rast", "p_base", "p_rast")
+
+
+def delta_diagnostics(base, z, temperature, tok, vocab_size):
+    """``[b, 4]`` fp32 per row (:data:`DIAGNOSTICS`): whether the delta moved the argmax (1/0) of the base logits
+    ``base [b, >= V]`` to that of the combined logits ``z [b, V]`` (fp32, -inf masked); ``KL(p_base || p_rast)``
+    of the two softmaxes at the row's temperature (1 for greedy rows: no filters); the chosen token's probability
+    under each (0 for a row without a token). Device ops only (graph-capturable)."""
+    zb = base[:, :vocab_size].float()
+    t = torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    lb = torch.log_softmax(zb / t, 1)
+    lr = torch.log_softmax(z / t, 1)
+    pb = lb.exp()
+    # columns p_base gives no mass contribute nothing (0 * log 0 = 0), also where both are masked
+    kl = torch.where(pb > 0, pb * (lb - lr), 0.0).sum(1)
+    flip = (zb.argmax(1) != z.argmax(1)).float()
+    idx = tok.clamp(min=0).unsqueeze(1)
+    ok = (tok >= 0).float()
+    return torch.stack([flip, kl, lb.gather(1, idx).squeeze(1).exp() * ok, lr.gather(1, idx).squeeze(1).exp() * ok], 1)
 
 
 class SlotState:
@@ -43,7 +64,7 @@ class SlotState:
     FLOAT = ("alpha", "temperature", "top_p", "min_p")
     INT = ("top_k", "seed", "n_gen", "max_new", "tok", "pos", "finish", "err_step")
 
-    def __init__(self, num_slots: int, max_blocks: int, device):
+    def __init__(self, num_slots: int, max_blocks: int, device, diagnostics: bool = False):
         for name in self.FLOAT:
             setattr(self, name, torch.zeros(num_slots, dtype=torch.float32, device=device))
         for name in self.INT:
@@ -53,11 +74,15 @@ class SlotState:
         self.block_table = torch.zeros((num_slots, max_blocks), dtype=torch.int32, device=device)
         self.ring_tok = torch.full((num_slots, RING + 1), -1, dtype=torch.int64, device=device)
         self.ring_lp = torch.zeros((num_slots, RING + 1), dtype=torch.float32, device=device)
+        # delta diagnostics per generated token (DIAGNOSTICS order), only when the engine asks for them
+        self.ring_diag = torch.zeros((num_slots, RING + 1, len(DIAGNOSTICS)), dtype=torch.float32,
+                                     device=device) if diagnostics else None
 
     def per_slot(self):
         """Every per-slot tensor (what a slot move copies)."""
+        extra = [self.ring_diag] if self.ring_diag is not None else []
         return [getattr(self, n) for n in self.FLOAT + self.INT] + [self.done, self.eos, self.block_table,
-                                                                     self.ring_tok, self.ring_lp]
+                                                                     self.ring_tok, self.ring_lp] + extra
 
 
 @dataclass
@@ -110,17 +135,18 @@ class Snapshot:
     """A host copy of rows ``[0, b)``'s counts, finish state and ring, taken in stream order; ``owners[i]`` is
     ``(sequence, epoch)`` of slot ``i`` when it was taken."""
 
-    def __init__(self, ints: torch.Tensor, lps: torch.Tensor, event, owners: list):
-        self.ints, self.lps, self.event, self.owners = ints, lps, event, owners
+    def __init__(self, ints: torch.Tensor, lps: torch.Tensor, event, owners: list, diag=None):
+        self.ints, self.lps, self.event, self.owners, self.diag = ints, lps, event, owners, diag
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
 
     def read(self):
-        """``(ints, lps)`` as lists: ints rows are ``[n_gen, done, finish, err_step, ring...]``."""
+        """``(ints, lps, diag)`` as lists: ints rows are ``[n_gen, done, finish, err_step, ring...]``; diag rows
+        ``[RING][len(DIAGNOSTICS)]`` (None without diagnostics)."""
         if self.event is not None:
             self.event.synchronize()
-        return self.ints.tolist(), self.lps.tolist()
+        return self.ints.tolist(), self.lps.tolist(), (self.diag.tolist() if self.diag is not None else None)
 
 
 class StepRunner:
@@ -135,16 +161,19 @@ class StepRunner:
         Capture the decode step per ``(batch bucket, gathered length)`` (CUDA, all lanes on one device).
     overlap_models : bool
         Run lanes 1.. on their own CUDA streams inside the step (joined before the sampler).
+    diagnostics : bool
+        Also record :data:`DIAGNOSTICS` per generated token (:func:`delta_diagnostics`).
     """
 
     def __init__(self, lanes: List[Lane], num_slots: int, max_blocks: int, block_size: int, max_seq_len: int,
-                 vocab_size: int, use_cuda_graph: bool, overlap_models: bool):
+                 vocab_size: int, use_cuda_graph: bool, overlap_models: bool, diagnostics: bool = False):
         self.lanes = lanes
         self.device = lanes[0].device
         self.num_slots, self.max_blocks, self.block_size = num_slots, max_blocks, block_size
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
         self.scratch = lanes[0].cache.scratch_slot
-        self.state = SlotState(num_slots, max_blocks, self.device)
+        self.diagnostics = diagnostics
+        self.state = SlotState(num_slots, max_blocks, self.device, diagnostics)
         self.use_cuda_graph = use_cuda_graph
         self.pad_to_buckets = use_cuda_graph  # eager runs exactly the rows it has (tests may pad on CPU)
         self.fused = all(lane.decoder is not None for lane in lanes)
@@ -340,6 +369,9 @@ class StepRunner:
         col = torch.where(active, n_gen % RING, RING)  # inert rows write the scratch column
         st.ring_tok.index_put_((rows, col), torch.where(active, tok, -1))
         st.ring_lp.index_put_((rows, col), lp)
+        if st.ring_diag is not None:
+            z = combined_logits(*three, g(st.alpha), self.vocab_size)
+            st.ring_diag.index_put_((rows, col), delta_diagnostics(three[0], z, g(st.temperature), tok, self.vocab_size))
         n_new = n_gen + good.long()
         eos = good & (tok.unsqueeze(1) == g(st.eos)).any(1)
         length = good & ~eos & (n_new >= g(st.max_new))
@@ -398,12 +430,14 @@ class StepRunner:
         ints = torch.cat([st.n_gen[:b, None], st.done[:b, None].long(), st.finish[:b, None], st.err_step[:b, None],
                           st.ring_tok[:b, :RING]], 1)
         lps = st.ring_lp[:b, :RING]
+        diag = st.ring_diag[:b, :RING] if st.ring_diag is not None else None
         if self.device.type != "cuda":
-            return Snapshot(ints, lps.clone(), None, owners)
-        h_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
-        h_lps = torch.empty(lps.shape, dtype=lps.dtype, pin_memory=True)
-        h_ints.copy_(ints, non_blocking=True)
-        h_lps.copy_(lps, non_blocking=True)
+            return Snapshot(ints, lps.clone(), None, owners, diag.clone() if diag is not None else None)
+        host = []
+        for t in (ints, lps) + ((diag,) if diag is not None else ()):
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            host.append(h)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return Snapshot(h_ints, h_lps, event, owners)
+        return Snapshot(host[0], host[1], event, owners, host[2] if diag is not None else None)

@@ -43,7 +43,7 @@ from .. import _backends
 from ..ops.philox import mix_seed
 from .cache import BlockAllocator
 from .detokenize import IncrementalText, final_text
-from .device_step import EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
+from .device_step import DIAGNOSTICS, EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
 from .fused_decode import unsupported_reason
 from .loading import (ROLES, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
                       load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype)
@@ -116,6 +116,11 @@ class RastEngine:
     overlap_models : bool
         Run the expert's and the expert base's decode forwards on their own CUDA streams (joined before the
         sampler). CUDA with all models on one device only; ignored otherwise. Default off until measured.
+    diagnostics : bool
+        Record per generated token, on the device inside the step (no host synchronisation), whether the delta
+        moved the argmax relative to the base alone, ``KL(p_base || p_rast)`` at the row's temperature (1 for
+        greedy rows; no filters), and the chosen token's probability under the base alone and under RAST:
+        :attr:`GenerationOutput.diagnostics`. Costs two extra softmaxes over the vocabulary per row and step.
     """
 
     def __init__(self, base, expert, expert_base, *, tokenizer=None, dtype=None, devices=None,
@@ -123,7 +128,7 @@ class RastEngine:
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, scheduling: str = "continuous",
                  max_prefill_tokens: Optional[int] = None, use_cuda_graph: bool = True,
                  attn_implementation: Optional[str] = None, fused_decode: Optional[bool] = None,
-                 overlap_models: bool = False):
+                 overlap_models: bool = False, diagnostics: bool = False):
         self.max_batch_size = _int_arg("max_batch_size", max_batch_size, 1)
         self.max_seq_len = _int_arg("max_seq_len", max_seq_len, 1)
         if self.max_seq_len < 2:
@@ -137,7 +142,7 @@ class RastEngine:
                 or not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be a number in (0, 1], got {gpu_memory_utilization!r}")
         for name, v, none_ok in (("use_cuda_graph", use_cuda_graph, False), ("fused_decode", fused_decode, True),
-                                 ("overlap_models", overlap_models, False)):
+                                 ("overlap_models", overlap_models, False), ("diagnostics", diagnostics, False)):
             if not isinstance(v, bool) and not (none_ok and v is None):
                 raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
         self.devices = resolve_devices(devices)
@@ -192,7 +197,8 @@ class RastEngine:
                            self.max_seq_len, fused_decode) for role in self.roles]
         max_blocks = -(-self.max_seq_len // self.block_size)
         self.runner = StepRunner(lanes, self.max_batch_size, max_blocks, self.block_size, self.max_seq_len,
-                                 self.vocab_size, self.use_cuda_graph, overlap)
+                                 self.vocab_size, self.use_cuda_graph, overlap, diagnostics)
+        self.diagnostics = diagnostics
         self.scheduler = Scheduler(self.max_batch_size, self.allocator, self.max_seq_len, scheduling)
         # host polls: every `poll_interval` decode steps; with `defer_polls` a snapshot is read one window later
         # (CUDA: the queue never drains). On CPU every step, read at once.
@@ -450,7 +456,7 @@ class RastEngine:
 
     def _process(self, snap, updates: dict) -> None:
         """Read a snapshot: new tokens, finished rows, stop strings."""
-        ints, lps = snap.read()
+        ints, lps, diag = snap.read()
         for i, (seq, epoch) in enumerate(snap.owners):
             if seq is None or seq.epoch != epoch or seq.status != RUNNING:
                 continue  # an empty slot, or the sequence left it since (preempted, aborted, stopped)
@@ -461,12 +467,15 @@ class RastEngine:
                 raise RuntimeError(f"engine: {n_gen - start} tokens between two reads exceed the ring of {RING}")
             new = [ring[t % RING] for t in range(start, n_gen)]
             new_lp = [lps[i][t % RING] for t in range(start, n_gen)]
+            new_diag = [diag[i][t % RING] for t in range(start, n_gen)] if diag is not None else []
             if done and finish == EOS:  # the ending EOS id is not part of the output
                 seq.stop_reason = new.pop()
                 new_lp.pop()
+                new_diag = new_diag[:-1]
             if new:
                 seq.tokens.extend(new)
                 seq.logprobs.extend(new_lp)
+                seq.diagnostics.extend(new_diag)
                 self.tokens_generated += len(new)
                 updates[seq] = True
             stopped = seq.detok.extend(new)
@@ -496,6 +505,7 @@ class RastEngine:
         if stop is not None:  # a stop string: the text and the tokens end there, whatever ended the row
             seq.finish_reason, seq.stop_reason, seq.error = "stop", stop, None
             seq.logprobs = seq.logprobs[:len(toks)]
+            seq.diagnostics = seq.diagnostics[:len(toks)]
             seq.tokens = toks
         seq.final_text = text
         self.scheduler.finish(seq)
@@ -508,7 +518,15 @@ class RastEngine:
             num_prompt_tokens=len(req.prompt), finish_reason=seq.finish_reason if finished else None,
             stop_reason=seq.stop_reason if finished else None, error=seq.error,
             logprobs=list(seq.logprobs) if req.params.return_logprobs else None, request_id=req.request_id,
-            prompt_index=req.prompt_index, sample_index=seq.sample_index, finished=finished)
+            prompt_index=req.prompt_index, sample_index=seq.sample_index, finished=finished,
+            diagnostics=self._diagnostics(seq) if self.diagnostics else None)
+
+    @staticmethod
+    def _diagnostics(seq: Sequence) -> dict:
+        cols = list(zip(*seq.diagnostics)) if seq.diagnostics else [()] * len(DIAGNOSTICS)
+        out = {name: list(col) for name, col in zip(DIAGNOSTICS, cols)}
+        out["argmax_flip"] = [bool(x) for x in out["argmax_flip"]]
+        return out
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

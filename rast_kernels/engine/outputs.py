@@ -41,6 +41,10 @@ class GenerationOutput:
     finished : bool
         False for a progress update of a running sample (:meth:`RastEngine.step`): ``text`` is then the part
         that can no longer change.
+    diagnostics : dict or None
+        With ``RastEngine(diagnostics=True)``: per token of ``token_ids``, ``argmax_flip`` (bool: the delta moved
+        the argmax relative to the base alone), ``kl_base_rast`` (``KL(p_base || p_rast)`` at the row's
+        temperature), ``p_base`` and ``p_rast`` (the token's probability under the base alone and under RAST).
     """
 
     text: str
@@ -54,3 +58,4 @@ class GenerationOutput:
     prompt_index: int = 0
     sample_index: int = 0
     finished: bool = True
+    diagnostics: Optional[dict] = None

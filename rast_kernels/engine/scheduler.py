@@ -65,6 +65,7 @@ class Sequence:
     seed: int
     tokens: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
+    diagnostics: List[list] = field(default_factory=list)  # per token, RastEngine(diagnostics=True) only
     blocks: List[int] = field(default_factory=list)
     slot: Optional[int] = None
     status: str = WAITING
