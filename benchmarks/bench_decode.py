@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import models
+from rast_kernels import _cli
 from common import copy_bandwidth, device_name, run_to_json, sync, utc_now, versions
 from peer_loop import peer_generate, peer_generate_single
 
@@ -55,31 +56,39 @@ SYSTEMS = (*ENGINE_VARIANTS, "peer_loop", "base_alone", "floor")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgumentParser(prog="bench_decode.py", description=__doc__.split("\n\n")[0].replace("``", ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trio", default="qwen", choices=sorted(models.TRIOS),
                    help="base/expert/expert-base configs: "
                    + "; ".join(f"{k}={'+'.join(v)}" for k, v in models.TRIOS.items()))
     p.add_argument("--tiny", action="store_true",
                    help="tiny random Qwen2-family models (different vocab widths) on CPU in fp32: a smoke run")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=_cli.device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights (default bf16; fp32 with --tiny)")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; 1 2 with --tiny)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 256; 16 with --tiny)")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128; 8 with --tiny)")
-    p.add_argument("--peer-new-tokens", type=int, default=None, help="tokens for the peer loop (default: --new-tokens)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per system, median taken (default 3; 1 with --tiny)")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95, help="RAST's runs use 0.95")
+    p.add_argument("--batch", type=_cli.int_range(1, 4096), nargs="+", default=None,
+                   help="batch sizes, 1..4096 (default 1 8; 1 2 with --tiny)")
+    p.add_argument("--prompt-len", type=_cli.int_range(1), default=None,
+                   help="prompt tokens per row, >= 1 (default 256; 16 with --tiny)")
+    p.add_argument("--new-tokens", type=_cli.int_range(2), default=None,
+                   help="tokens generated per row, >= 2 (default 128; 8 with --tiny)")
+    p.add_argument("--peer-new-tokens", type=_cli.int_range(2), default=None,
+                   help="tokens for the peer loop, >= 2 (default: --new-tokens)")
+    p.add_argument("--repeats", type=_cli.int_range(1), default=None,
+                   help="timed runs per system, median taken, >= 1 (default 3; 1 with --tiny)")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, help="what to time")
+    p.add_argument("--alpha", type=_cli.finite_float, default=1.0, help="weight of the expert's delta (default 1)")
+    p.add_argument("--temperature", type=_cli.float_range(0.0), default=1.0, help="sampling temperature, >= 0 (default 1)")
+    p.add_argument("--top-p", type=_cli.float_range(0.0, 1.0, lo_open=True), default=0.95,
+                   help="nucleus threshold in (0, 1] (default 0.95, as RAST's runs)")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine: use_cuda_graph=False")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", type=_cli.int_range(2), default=None,
                    help="engine cache length (default: prompt + new tokens + 16)")
-    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth probe size (default 1024 CUDA, 64 CPU)")
-    p.add_argument("--out", type=Path, default=None, help="directory for decode.json")
+    p.add_argument("--copy-mib", type=_cli.int_range(1), default=None,
+                   help="copy-bandwidth probe size, >= 1 (default 1024 CUDA, 64 CPU)")
+    p.add_argument("--out", type=_cli.output_dir, default=None, help="directory for decode.json")
     args = p.parse_args(argv)
+    args.out = Path(args.out) if args.out is not None else None
     args.command = " ".join([Path(__file__).name, *(sys.argv[1:] if argv is None else argv)])
     tiny = args.tiny
     args.device = args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda")
@@ -89,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (8 if tiny else 128)
     args.peer_new_tokens = args.peer_new_tokens or args.new_tokens
     args.repeats = args.repeats or (1 if tiny else 3)
-    if args.new_tokens < 2 or args.peer_new_tokens < 2:
-        p.error("--new-tokens and --peer-new-tokens must be at least 2 (per-token times need two points)")
+    if args.max_seq_len is not None and args.max_seq_len < args.prompt_len + args.new_tokens:
+        _cli.fail(p, "--max-seq-len", f"{args.max_seq_len} is shorter than --prompt-len + --new-tokens "
+                  f"({args.prompt_len + args.new_tokens})")
     return args
 
 
@@ -178,6 +188,20 @@ def _attempt(system: str, fn, **extra) -> dict:
     return row
 
 
+def _engine_attn(engine):
+    """The base model's attention implementation in ``engine`` (``engine.attn`` maps role -> name)."""
+    name = getattr(engine, "attn_implementation", None)
+    return name if name is not None else (getattr(engine, "attn", None) or {}).get("base")
+
+
+def _use_sdpa(trio) -> None:
+    for m in trio:
+        if hasattr(m, "set_attn_implementation"):
+            m.set_attn_implementation("sdpa")
+        else:
+            m.config._attn_implementation = "sdpa"
+
+
 def run(args, checkpoint=None) -> dict:
     """Time every system; ``checkpoint(result)`` (optional) gets the result so far after each row."""
     device = torch.device(args.device)
@@ -188,11 +212,7 @@ def run(args, checkpoint=None) -> dict:
     family = trio[0].config.model_type
     vocab_size = 470 if args.tiny else models.TOKENIZER_LEN[family]
     all_bytes, base_bytes = models.weight_bytes(*trio), models.weight_bytes(trio[0])
-    for m in trio:  # the peer loop runs Hugging Face's default attention; the engine picks its own later
-        if hasattr(m, "set_attn_implementation"):
-            m.set_attn_implementation("sdpa")
-        else:
-            m.config._attn_implementation = "sdpa"
+    _use_sdpa(trio)  # the peer loop runs Hugging Face's default attention; the engine picks its own
     meta = {
         "benchmark": "decode", "device": device_name(device), "device_type": device.type, "versions": versions(),
         "date": utc_now(), "trio": "tiny" if args.tiny else args.trio, "models": names, "dtype": args.dtype,
@@ -223,26 +243,16 @@ def run(args, checkpoint=None) -> dict:
             extra["new_tokens"] = n
         return extra
 
-    # the eager baselines first: the engine may switch the models to its own attention implementation
+    # the floors cost nothing to compute; then the engine variants (the newest measurements, which a run
+    # cut short must still have: the eager peer loop was already measured by the pre-project anchors),
+    # then the eager baselines
     for B in args.batch:
         if "floor" in args.systems:
             rows.append({"system": "floor", **common(B), "ms_per_token": all_bytes / bw * 1e3,
                          "note": "weight bytes of the three models / copy bandwidth (KV-cache reads not counted)"})
             rows.append({"system": "floor_base_alone", **common(B), "ms_per_token": base_bytes / bw * 1e3,
                          "note": "weight bytes of the base model / copy bandwidth"})
-        if "peer_loop" in args.systems:
-            rows.append(_attempt("peer_loop", lambda: time_peer(trio, prompts[B], args.peer_new_tokens, args.repeats,
-                                                                args, vocab_size),
-                                 **common(B, args.peer_new_tokens),
-                                 note="eager HF forwards + DynamicCache + HF-style sampler chain, host sync per token"))
-        if "base_alone" in args.systems:
-            rows.append(_attempt("base_alone_eager",
-                                 lambda: time_base_alone_eager(trio[0], prompts[B], args.peer_new_tokens, args.repeats,
-                                                               args),
-                                 **common(B, args.peer_new_tokens),
-                                 note="base model alone in the same eager HF loop"))
-        _print_rows([r for r in rows if r["B"] == B])
-        finish()
+    finish()
     engine_runs = []
     for system, kwargs in ENGINE_VARIANTS.items():
         if system in args.systems:
@@ -266,7 +276,7 @@ def run(args, checkpoint=None) -> dict:
             else:
                 rows.append(_attempt(system, lambda: time_engine(runner, prompts[B], args.new_tokens, args.repeats),
                                      **common(B, args.new_tokens), note=note,
-                                     attn_implementation=getattr(runner.engine, "attn_implementation", None),
+                                     attn_implementation=_engine_attn(runner.engine),
                                      fused_decode=getattr(runner.engine, "fused_decode", None),
                                      overlap_models=getattr(runner.engine, "overlap_models", None),
                                      cuda_graph=getattr(runner.engine, "use_cuda_graph", None)))
@@ -275,6 +285,24 @@ def run(args, checkpoint=None) -> dict:
         del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # the engine may have switched the models to its own attention implementation: the eager baselines
+    # run Hugging Face's default (SDPA) as public code does
+    _use_sdpa(trio)
+    for B in args.batch:
+        first_new = len(rows)
+        if "peer_loop" in args.systems:
+            rows.append(_attempt("peer_loop", lambda: time_peer(trio, prompts[B], args.peer_new_tokens, args.repeats,
+                                                                args, vocab_size),
+                                 **common(B, args.peer_new_tokens),
+                                 note="eager HF forwards + DynamicCache + HF-style sampler chain, host sync per token"))
+        if "base_alone" in args.systems:
+            rows.append(_attempt("base_alone_eager",
+                                 lambda: time_base_alone_eager(trio[0], prompts[B], args.peer_new_tokens, args.repeats,
+                                                               args),
+                                 **common(B, args.peer_new_tokens),
+                                 note="base model alone in the same eager HF loop"))
+        _print_rows(rows[first_new:])
+        finish()
     finish()
     print("# summary")
     _print_rows(sorted(rows, key=lambda r: r["B"]))

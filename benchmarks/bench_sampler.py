@@ -36,6 +36,7 @@ import torch
 
 import baselines
 import rast_kernels
+from rast_kernels import _cli
 from common import copy_bandwidth, device_name, run_to_json, sync, utc_now, versions
 from rast_kernels.ops.rast_sample import _resolve_backend
 
@@ -54,34 +55,40 @@ LOGIT_STD = 2.0  # spread of the random logits (N(0, 2^2) per input): a realisti
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p = _cli.ArgumentParser(prog="bench_sampler.py", description=__doc__.split("\n\n")[0].replace("``", ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", type=_cli.device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true",
                       help=f"small grid B={QUICK_BATCHES}, V={QUICK_VOCABS}, fewer repeats (default on CPU)")
     grid.add_argument("--full", action="store_true",
                       help=f"full grid B={FULL_BATCHES}, V={FULL_VOCABS} (default on CUDA)")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (overrides the grid)")
-    p.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabulary widths (overrides the grid)")
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--batch", type=_cli.int_range(1, 65536), nargs="+", default=None,
+                   help="batch sizes, 1..65536 (overrides the grid)")
+    p.add_argument("--vocab", type=_cli.int_range(2, 2**24), nargs="+", default=None,
+                   help="vocabulary widths, 2..2^24 (overrides the grid)")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES), help="input dtypes")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                   help="sampling settings: " + "; ".join(f"{k}: {v}" for k, v in SETTINGS.items()))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS,
-                   help="what to time (unavailable ones are skipped)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 10 CUDA, 2 CPU)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="most timed calls per case (default 200 CUDA, 15 quick CPU); fewer if --budget-s runs out")
-    p.add_argument("--min-repeats", type=int, default=None, help="fewest timed calls per case (default 20 CUDA, 3 CPU)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="target timed seconds per case (default 0.5 CUDA, 1.0 CPU)")
-    p.add_argument("--copy-mib", type=int, default=None,
-                   help="tensor size for the copy-bandwidth probe (default 1024 CUDA, 256 CPU)")
-    p.add_argument("--reference-max-elems", type=int, default=16 * 152064,
+                   help="what to time (unavailable ones are listed as skipped, with the reason)")
+    p.add_argument("--warmup", type=_cli.int_range(0), default=None,
+                   help="warm-up calls per case, >= 0 (default 10 CUDA, 2 CPU)")
+    p.add_argument("--repeats", type=_cli.int_range(1), default=None,
+                   help="most timed calls per case, >= 1 (default 200 CUDA, 15 quick CPU); fewer if --budget-s runs out")
+    p.add_argument("--min-repeats", type=_cli.int_range(1), default=None,
+                   help="fewest timed calls per case, >= 1 (default 20 CUDA, 3 CPU)")
+    p.add_argument("--budget-s", type=_cli.float_range(0.0, lo_open=True), default=None,
+                   help="target timed seconds per case, > 0 (default 0.5 CUDA, 1.0 CPU)")
+    p.add_argument("--copy-mib", type=_cli.int_range(1), default=None,
+                   help="tensor size for the copy-bandwidth probe, >= 1 (default 1024 CUDA, 256 CPU)")
+    p.add_argument("--reference-max-elems", type=_cli.int_range(0), default=16 * 152064,
                    help="CPU: skip timing the reference above this B*V (default 16*152064; 0 = no limit)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="directory for sampler.json and sampler.png")
+    p.add_argument("--seed", type=_cli.int_range(0), default=0, help="seed of the random logits (default 0)")
+    p.add_argument("--out", type=_cli.output_dir, default=None, help="directory for sampler.json and sampler.png")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
     args = p.parse_args(argv)
+    args.out = Path(args.out) if args.out is not None else None
     args.command = " ".join([Path(__file__).name, *(sys.argv[1:] if argv is None else argv)])
     return args
 
@@ -141,8 +148,15 @@ def make_inputs(B: int, V: int, dtype: torch.dtype, device: torch.device, n_sets
             for _ in range(n_sets)]
 
 
+# an op that cannot run here is listed with one of these reasons instead of its timing function, so the
+# table and the JSON say why a column is empty instead of silently leaving it out
+FLASHINFER_SKIP_CPU = "FlashInfer runs on CUDA only"
+FLASHINFER_SKIP_MISSING = "flashinfer not importable here (install flashinfer-python on a CUDA machine)"
+
+
 def build_ops(names, device: torch.device, params: dict):
-    """[(op, backend, fn(inputs_triple, i))] for the requested ops that this machine has."""
+    """[(op, backend, fn(inputs_triple, i))] for the requested ops; ``fn`` is a string, the reason it is
+    skipped, for an op this machine does not have."""
     ops = []
     for name in names:
         if name == "rast_sample":
@@ -155,10 +169,14 @@ def build_ops(names, device: torch.device, params: dict):
             gen = torch.Generator(device=device).manual_seed(0)
             ops.append(("hf_chain", "torch", lambda x, i, g=gen: baselines.hf_chain_sample(*x, **params, generator=g)))
         elif name == "flashinfer":
-            if device.type == "cuda" and baselines.flashinfer_available():
+            fi_name = "flashinfer_top_k_top_p_from_logits"
+            if device.type != "cuda":
+                ops.append((fi_name, "flashinfer", FLASHINFER_SKIP_CPU))
+            elif not baselines.flashinfer_available():
+                ops.append((fi_name, "flashinfer", FLASHINFER_SKIP_MISSING))
+            else:
                 fi_params = {k: v for k, v in params.items() if k != "min_p"}
-                ops.append(("flashinfer_top_k_top_p_from_logits", "flashinfer",
-                            lambda x, i: baselines.flashinfer_sample(*x, **fi_params)))
+                ops.append((fi_name, "flashinfer", lambda x, i: baselines.flashinfer_sample(*x, **fi_params)))
     return ops
 
 
@@ -219,6 +237,10 @@ def run(args: argparse.Namespace, checkpoint=None) -> dict:
                         row = {"op": op, "backend": backend, "B": B, "V": V, "dtype": dtype_name, "setting": setting,
                                "floor_us": floor_us, "input_sets": n_sets}
                         try:
+                            if isinstance(fn, str):
+                                row.update(median_us=None, p10=None, p90=None, n=0, skipped=fn)
+                                group.append(row)
+                                continue
                             if op == "rast_sample_reference" and not cuda and 0 < args.reference_max_elems < B * V:
                                 row.update(median_us=None, p10=None, p90=None, n=0,
                                            skipped=f"reference not timed on CPU above B*V = {args.reference_max_elems} "
@@ -285,8 +307,14 @@ def main(argv=None) -> int:
     result, path = run_to_json(run, args, "sampler.json")
     if path is not None and not args.no_plot:
         import plot_sampler
-        png = plot_sampler.plot(result, args.out / "sampler.png")
-        print(f"wrote {png}")
+
+        if not plot_sampler.have_matplotlib():
+            # the JSON is the result; the plot is optional and matplotlib is only in the [bench] extra
+            print(f"plot skipped: {plot_sampler.MATPLOTLIB_HINT}; {path} has every number")
+        elif any(r.get("median_us") for r in result["rows"]):
+            print(f"wrote {plot_sampler.plot(result, args.out / 'sampler.png')}")
+        else:
+            print("plot skipped: no timed rows")
     failed = [r for r in result["rows"] if r.get("error") or r.get("invalid_output")]
     return 1 if failed else 0
 

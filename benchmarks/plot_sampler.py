@@ -8,14 +8,28 @@ and the read floor dashed. Log-log axes.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import importlib.util
 from pathlib import Path
 
-import matplotlib
+from rast_kernels import _cli
 
-matplotlib.use("Agg")  # headless: no display on CI or the GPU machine
-import matplotlib.pyplot as plt  # noqa: E402
+# matplotlib is only in the [bench] extra: imported when a plot is drawn, so that a missing one is a
+# one-line message (here and in bench_sampler.py) instead of an import-time traceback
+MATPLOTLIB_HINT = ("matplotlib is not installed (pip install matplotlib, or the [bench] extra: "
+                   "pip install --no-build-isolation \".[bench]\")")
+
+
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on CI or the GPU machine
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _label(row: dict) -> str:
@@ -30,6 +44,7 @@ def plot(result: dict, path: Path) -> Path:
     ops = list(dict.fromkeys(_label(r) for r in rows))
     if not panels:
         raise ValueError("result: no timed rows to plot")
+    plt = _pyplot()
     fig, axes = plt.subplots(len(panels), len(vocabs), figsize=(max(4.2 * len(vocabs), 8.0), 3.2 * len(panels) + 0.8),
                              squeeze=False, sharex=True)
     colors = {op: f"C{i}" for i, op in enumerate(ops)}
@@ -68,11 +83,18 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Plot bench_sampler.py's JSON")
+    p = _cli.ArgumentParser(prog="plot_sampler.py", description="Plot bench_sampler.py's JSON")
     p.add_argument("json", type=Path, help="sampler.json")
     p.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: beside the JSON)")
     args = p.parse_args(argv)
-    out = plot(json.loads(args.json.read_text()), args.output or args.json.with_suffix(".png"))
+    result = _cli.read_json(p, "json", str(args.json))
+    if not (isinstance(result, dict) and result.get("meta", {}).get("benchmark") == "sampler"):
+        _cli.fail(p, "json", f"{str(args.json)!r} is not a bench_sampler.py result")
+    if not any(r.get("median_us") for r in result.get("rows", [])):
+        _cli.fail(p, "json", f"{str(args.json)!r} has no timed rows to plot")
+    if not have_matplotlib():
+        p.exit(2, f"{p.prog}: error: {MATPLOTLIB_HINT}\n")
+    out = plot(result, args.output or args.json.with_suffix(".png"))
     print(f"wrote {out}")
     return 0
 

@@ -41,7 +41,7 @@ import torch
 
 import models  # benchmarks/models.py: random-init models from benchmarks/configs
 from common import copy_bandwidth, device_name, sync, utc_now, versions, write_json
-from rast_kernels import rast_sample
+from rast_kernels import _cli, rast_sample
 from rast_kernels.engine.attention import RAST_DECODE, RAST_DECODE_MASKLESS, register_rast_attention
 
 FUSED = "fused"
@@ -60,22 +60,27 @@ CATEGORIES = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trio", default="qwen", choices=sorted(models.TRIOS))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--max-cache-len", type=int, default=4352, help="StaticCache positions per row")
-    p.add_argument("--attn", nargs="+", default=["sdpa", RAST_DECODE_MASKLESS, FUSED], choices=ATTN_CHOICES)
-    p.add_argument("--steps", type=int, default=5, help="profiled eager steps")
-    p.add_argument("--timed-steps", type=int, default=20, help="steps timed with CUDA events, eager and graph")
-    p.add_argument("--top", type=int, default=25, help="kernels listed in the summary")
+    p = _cli.ArgumentParser(prog="profile_decode_step.py", description=__doc__.split("\n\n")[0].replace("``", ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trio", default="qwen", choices=sorted(models.TRIOS), help="which real configs to build")
+    p.add_argument("--batch", type=_cli.int_range(1, 4096), default=1, help="rows per step, 1..4096 (default 1)")
+    p.add_argument("--prompt-len", type=_cli.int_range(1), default=256, help="prompt tokens, >= 1 (default 256)")
+    p.add_argument("--max-cache-len", type=_cli.int_range(8), default=4352,
+                   help="StaticCache positions per row, >= 8 (default 4352)")
+    p.add_argument("--attn", nargs="+", default=["sdpa", RAST_DECODE_MASKLESS, FUSED], choices=ATTN_CHOICES,
+                   help="implementations to profile, in this order")
+    p.add_argument("--steps", type=_cli.int_range(1), default=5, help="profiled eager steps, >= 1 (default 5)")
+    p.add_argument("--timed-steps", type=_cli.int_range(1), default=20,
+                   help="steps timed with CUDA events, eager and graph, >= 1 (default 20)")
+    p.add_argument("--top", type=_cli.int_range(1), default=25, help="kernels listed in the summary (default 25)")
     p.add_argument("--profile-graph", action="store_true", help="also profile replays of the captured step")
     p.add_argument("--trace", action="store_true", help="also write a Chrome trace per implementation")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="tiny models on CPU, profiling CPU ops: checks the script's logic, measures nothing")
-    p.add_argument("--out", type=Path, required=True, help="directory for the JSON summary (and traces)")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=_cli.output_dir, required=True, help="directory for the JSON summary (and traces)")
+    args = p.parse_args(argv)
+    args.out = Path(args.out)
+    return args
 
 
 class DecodeState:
@@ -290,9 +295,12 @@ def main(argv=None) -> int:
               f"{summary['weight_floor_ms']:.2f} ms per step")
     args.out.mkdir(parents=True, exist_ok=True)
     trace_dir = args.out if args.trace else None
+    path = args.out / f"profile_{'smoke' if args.smoke_cpu else args.trio}_b{args.batch}.json"
     for attn in args.attn:
         row = run_variant(attn, trio, args, device, trace_dir)
         summary["variants"].append(row)
+        # after every implementation, not only at the end: a run cut by a time limit keeps what it measured
+        write_json(summary, path)
         prof = row["profile_eager"]
         graph = f", graph {row['graph_step_ms']:.2f} ms" if "graph_step_ms" in row else ""
         print(f"{attn:<22} eager {row['eager_step_ms']:.2f} ms{graph}; profiled {prof['time_ms_per_step']:.2f} ms "
@@ -303,7 +311,6 @@ def main(argv=None) -> int:
     summary["first_tokens_agree"] = same
     print("first 3 sampled tokens per row agree across implementations" if same else
           "WARNING: the implementations sampled different first tokens (bf16 near-ties can do this; fp32 should not)")
-    path = args.out / f"profile_{'smoke' if args.smoke_cpu else args.trio}_b{args.batch}.json"
     write_json(summary, path)
     print(f"wrote {path}")
     return 0

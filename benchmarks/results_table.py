@@ -7,9 +7,9 @@ matching section of RESULTS.md with the card and date.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from rast_kernels import _cli
 
 
 def _f(x, fmt: str = ".1f") -> str:
@@ -59,6 +59,9 @@ def sampler_table(result: dict) -> str:
         lines.append(f"| {' | '.join(map(str, key))} | " + " | ".join(cell(sel.get(c)) for c in cols)
                      + f" | {_f(floor, '.2f')} | {speedup(ours, 'speedup_vs_reference')}"
                      + f" | {speedup(ours, 'speedup_vs_hf_chain')} |")
+    reasons = sorted({f"{r['op']}: {r['skipped']}" for r in rows if r.get("skipped")})
+    if reasons:
+        lines.append("\nskipped: " + "; ".join(reasons))
     lines.append(f"\n`ours` = `rast_sample` backend `auto` -> `{backend}`; medians of per-call times "
                  f"({result['meta'].get('timer', {}).get('clock')}"
                  + ("; wall-clock / process CPU time, speedups likewise" if cpu else "") + ").")
@@ -86,18 +89,18 @@ def decode_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Markdown tables from bench_sampler / bench_decode JSON")
+    p = _cli.ArgumentParser(prog="results_table.py", description="Markdown tables from bench_sampler / bench_decode JSON")
     p.add_argument("files", type=Path, nargs="+", help="sampler.json and/or decode.json")
     args = p.parse_args(argv)
-    for path in args.files:
-        result = json.loads(path.read_text())
-        kind = result.get("meta", {}).get("benchmark")
-        if kind == "sampler":
-            print(sampler_table(result))
-        elif kind == "decode":
-            print(decode_table(result))
-        else:
-            raise SystemExit(f"{path}: not a bench_sampler / bench_decode result (meta.benchmark={kind!r})")
+    results = []
+    for path in args.files:  # read and check them all before printing any table
+        result = _cli.read_json(p, "files", str(path))
+        kind = result.get("meta", {}).get("benchmark") if isinstance(result, dict) else None
+        if kind not in ("sampler", "decode") or not isinstance(result.get("rows"), list):
+            _cli.fail(p, "files", f"{str(path)!r} is not a bench_sampler / bench_decode result (meta.benchmark={kind!r})")
+        results.append(result)
+    for result in results:
+        print(sampler_table(result) if result["meta"]["benchmark"] == "sampler" else decode_table(result))
         print()
     return 0
 

@@ -137,3 +137,16 @@ def output_dir(text: str) -> str:
         raise argparse.ArgumentTypeError(f"directory not writable: {text!r}")
     return text
 
+
+
+def read_json(parser: argparse.ArgumentParser, option: str, path: str):
+    """The JSON value in ``path``; a missing, unreadable or malformed file is ``option``'s error."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        fail(parser, option, f"cannot read {path!r}: {exc.strerror or exc}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(parser, option, f"{path!r} is not valid JSON ({exc})")

@@ -34,33 +34,48 @@ def _main(module: str, argv: list, capsys) -> None:
     assert rc == 0, f"{module} exited {rc}:\n{capsys.readouterr().out[-3000:]}"
 
 
-def test_bench_sampler_quickest(tmp_path, bench_modules, capsys):
+@pytest.mark.parametrize("plot", [False, True], ids=["without-matplotlib", "with-matplotlib"])
+def test_bench_sampler_quickest(tmp_path, bench_modules, capsys, monkeypatch, plot):
     out = tmp_path / "out"
-    # the plot needs matplotlib (the `bench` extra), which a test-only install may lack
-    plot = importlib.util.find_spec("matplotlib") is not None
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    if plot and not have_mpl:
+        pytest.skip("matplotlib (the [bench] extra) is not installed")
+    if not plot:
+        # what a test-only install sees: no matplotlib; the JSON must still be written, the plot skipped
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.delitem(sys.modules, "plot_sampler", raising=False)
     _main("bench_sampler", ["--device", "cpu", "--batch", "1", "3", "--vocab", "1000", "--dtypes", "bf16", "fp32",
                             "--warmup", "1", "--repeats", "2", "--min-repeats", "1", "--budget-s", "0.01",
-                            "--copy-mib", "8", "--reference-max-elems", "2000", "--out", str(out)]
-          + ([] if plot else ["--no-plot"]), capsys)
+                            "--copy-mib", "8", "--reference-max-elems", "2000", "--out", str(out)], capsys)
+    printed = capsys.readouterr().out
     result = json.loads((out / "sampler.json").read_text())
     if plot:
         assert (out / "sampler.png").stat().st_size > 0
+    else:
+        assert not (out / "sampler.png").exists()
+        assert "plot skipped: matplotlib is not installed" in printed and ".[bench]" in printed
     assert {"device", "versions", "date", "copy_bandwidth_GBps"} <= set(result["meta"])
     rows = result["rows"]
     keys = {"op", "backend", "B", "V", "dtype", "setting", "median_us", "p10", "p90", "speedup_vs_reference",
             "speedup_vs_hf_chain", "floor_us", "device", "torch", "triton", "date"}
-    # 2 B x 1 V x 2 dtypes x 2 settings for each of the three CPU ops
-    assert len(rows) == 3 * 8
+    # 2 B x 1 V x 2 dtypes x 2 settings for each of the four ops (FlashInfer listed as skipped on CPU)
+    assert len(rows) == 4 * 8
     for row in rows:
         assert keys <= set(row), keys - set(row)
         assert "error" not in row and "invalid_output" not in row, row
-        if row.get("skipped"):  # the reference above --reference-max-elems (B*V = 3000 > 2000)
-            assert row["op"] == "rast_sample_reference" and row["B"] == 3 and row["median_us"] is None
+        if row.get("skipped"):
+            # the reference above --reference-max-elems (B*V = 3000 > 2000), FlashInfer off CUDA: each says why
+            if row["op"] == "rast_sample_reference":
+                assert row["B"] == 3 and "--reference-max-elems" in row["skipped"]
+            else:
+                assert row["op"] == "flashinfer_top_k_top_p_from_logits" and "CUDA" in row["skipped"]
+            assert row["median_us"] is None and f"skipped: {row['skipped']}" in printed
             continue
         assert 0 < row["p10"] <= row["median_us"] <= row["p90"]
         assert row["cpu_median_us"] > 0
-    assert {r["op"] for r in rows} == {"rast_sample", "rast_sample_reference", "hf_chain"}
-    assert len([r for r in rows if r.get("skipped")]) == 4
+    assert {r["op"] for r in rows} == {"rast_sample", "rast_sample_reference", "hf_chain",
+                                       "flashinfer_top_k_top_p_from_logits"}
+    assert len([r for r in rows if r.get("skipped")]) == 4 + 8
     for r in rows:
         if r["op"] == "rast_sample_reference" and r["B"] == 1:
             assert r["speedup_vs_reference"] == pytest.approx(1.0)
