@@ -88,7 +88,7 @@ def _kernels():
         sv_n, sv_s, sv_h, sv_d,
         so_b, so_h, so_d,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, OFFS64: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -125,8 +125,14 @@ def _kernels():
             pos = tile * BLOCK_N + offs_n
             n_mask = pos < row_len
             # the table is read only for valid positions: entries past the row's length may be garbage
-            blk = tl.load(bt_row + (pos // block_size) * sbt_j, mask=n_mask, other=0).to(tl.int64)
-            off = (pos % block_size).to(tl.int64)
+            blk = tl.load(bt_row + (pos // block_size) * sbt_j, mask=n_mask, other=0)
+            off = pos % block_size
+            if OFFS64:
+                # int32 slot offsets where the pools allow (the launcher decides): 64-bit ones widen the
+                # [BLOCK_N, D] address tiles (sm_90, contiguous pools, head dim 128: 112 -> 124 registers in bf16,
+                # 128 -> 204 in fp32; tests/ops/sm90.py)
+                blk = blk.to(tl.int64)
+                off = off.to(tl.int64)
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_base + (blk * sk_n + off * sk_s)[:, None] + offs_d[None, :] * sk_d, mask=kv_mask,
                         other=0.0)
@@ -174,6 +180,14 @@ def default_paged_num_splits(batch: int, h_kv: int, max_blocks: int, block_size:
     return default_num_splits(batch, h_kv, max_blocks * block_size, head_dim, device)
 
 
+_OFFS64_FROM = 2**31  # element offsets in a pool from here on need 64-bit arithmetic (tests lower it)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset of ``t`` from its first element (any strides)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 def _paged_triton(q, k_pool, v_pool, block_table, seq_lens, scale, num_splits, out):
     split_kernel, combine_kernel = _kernels()
     batch, h_q, dim = q.shape
@@ -198,7 +212,7 @@ def _paged_triton(q, k_pool, v_pool, block_table, seq_lens, scale, num_splits, o
         seq_lens.stride(0), *block_table.stride(),
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(),
         HEAD_DIM=dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=precision,
-        DOT_FP32=dot_fp32, num_warps=4,
+        DOT_FP32=dot_fp32, OFFS64=max(_max_offset(k_pool), _max_offset(v_pool)) >= _OFFS64_FROM, num_warps=4,
     )
     if num_splits > 1:
         combine_kernel[(batch, h_q)](

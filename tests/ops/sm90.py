@@ -235,7 +235,9 @@ def _decode_attention():
 
 def _paged_attention():
     """The paged split kernel at the same configurations as decode_attention's (its combine kernel is
-    decode_attention's, compiled there); block table int32, lengths int32 and int64."""
+    decode_attention's, compiled there); block table int32, lengths int32 and int64. Any strides with 64-bit
+    slot offsets (the most registers), contiguous with 32-bit ones (the engine's pools, under 2**31 elements)
+    and, at head dim 128, with 64-bit ones."""
     from rast_kernels.ops.decode_attention import _block_n
     from rast_kernels.ops.paged_attention import _kernels
 
@@ -252,11 +254,14 @@ def _paged_attention():
                       PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False)
         # any strides (the generic build), then contiguous q / pools / table / out with 16-aligned rows (the
         # engine's case: unit strides and vectorized loads)
-        compile_ptx(split, dict(sig, **{k: "i32" for k in strides}), consts)
-        compile_ptx(split, dict(sig, **{k: "i32" for k in strides if k not in unit}), dict(consts, **{k: 1 for k in unit}),
-                    aligned=[k for k in sig if k.endswith("_ptr")] + ["sq_b", "sq_h", "sk_n", "sk_s", "sk_h", "sv_n",
-                                                                      "sv_s", "sv_h", "so_b", "so_h"])
-        n += 2
+        compile_ptx(split, dict(sig, **{k: "i32" for k in strides}), dict(consts, OFFS64=True))
+        for offs64 in (False, True) if dim == 128 else (False,):
+            compile_ptx(split, dict(sig, **{k: "i32" for k in strides if k not in unit}),
+                        dict(consts, OFFS64=offs64, **{k: 1 for k in unit}),
+                        aligned=[k for k in sig if k.endswith("_ptr")] + ["sq_b", "sq_h", "sk_n", "sk_s", "sk_h",
+                                                                          "sv_n", "sv_s", "sv_h", "so_b", "so_h"])
+            n += 1
+        n += 1
     return n
 
 

@@ -107,6 +107,14 @@ def test_shared_prefix_blocks(dtype):
 
 
 @needs_triton
+def test_64_bit_slot_offsets(monkeypatch):
+    # pools past 2**31 elements take 64-bit slot offsets; the same values on small pools with the threshold lowered
+    monkeypatch.setattr(mod, "_OFFS64_FROM", 0)
+    args = make_paged([45, 13, 0], 8, 2, 64, 13, 4, torch.bfloat16, gen("offs64"))
+    check(*args, num_splits=2)
+
+
+@needs_triton
 def test_split_count_does_not_change_result():
     q, k_pool, v_pool, table, seq_lens = make_paged([150, 64, 3], 4, 1, 64, 16, 10, torch.float32, gen("splits"))
     one = paged_decode_attention(q, k_pool, v_pool, table, seq_lens, backend="triton", num_splits=1)
