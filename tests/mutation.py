@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Mutation check: apply deliberate bugs to the sampler, the engine and the attention ops one at a time, run the
+tests that should catch each, and report the survivors (bugs the suite would let through).
+
+Each mutant is ``(name, file, original snippet, mutated snippet, tests)``. The tree is copied to a temporary
+folder (the working tree as it is, the compiled extension included), the snippet is replaced there (it must occur
+exactly once: a stale mutant is reported, never silently skipped), and ``pytest -x`` runs the listed tests with
+that copy first on ``sys.path``. A mutant of ``csrc/`` rebuilds the extension in the copy first (about a minute).
+
+    python tests/mutation.py                 # every mutant
+    python tests/mutation.py --list          # names only
+    python tests/mutation.py topp_reference engine_offset    # some of them
+
+Exit status 1 when a mutant survives or is stale. tests/test_mutation_list.py checks in CI that every original
+snippet still occurs exactly once, so the list cannot rot unnoticed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ("rast_kernels", "tests", "csrc", "setup.py", "pyproject.toml", "CMakeLists.txt", "benchmarks")
+
+SAMPLER_TESTS = ["tests/ops/test_rast_sample.py"]
+SERVING_TESTS = ["tests/engine/test_serving.py"]
+
+MUTANTS = [
+    ("topp_reference", "rast_kernels/ops/rast_sample_reference.py",
+     "keep &= (p >= 1) | (mass_above < p * w.sum(1, keepdim=True))",
+     "keep &= (p >= 1) | (mass_above <= p * w.sum(1, keepdim=True))", SAMPLER_TESTS),
+    ("minp_reference", "rast_kernels/ops/rast_sample_reference.py",
+     "keep &= (m <= 0) | (w >= m)", "keep &= (m <= 0) | (w > m)", SAMPLER_TESTS),
+    ("topk_reference", "rast_kernels/ops/rast_sample_reference.py",
+     "keep &= (k <= 0) | (rank < k)", "keep &= (k <= 0) | (rank <= k)", SAMPLER_TESTS),
+    ("engine_offset", "rast_kernels/engine/device_step.py",
+     "seed=g(st.seed),\n                              offset=n_gen,",
+     "seed=g(st.seed),\n                              offset=torch.zeros_like(n_gen),",
+     ["tests/engine/test_serving.py::test_sampled_output_equals_full_forwards_and_the_reference_sampler"]),
+    ("engine_seed_per_sample", "rast_kernels/engine/sampling_params.py",
+     "return int(seed) if sample_index == 0 else mix_seed(seed, sample_index)", "return int(seed)",
+     ["tests/engine/test_serving.py::test_sampled_output_equals_full_forwards_and_the_reference_sampler"]),
+    ("engine_max_seq_len_boundary", "rast_kernels/engine/engine.py",
+     "if len(ids) + params.max_new_tokens > self.max_seq_len:",
+     "if len(ids) + params.max_new_tokens >= self.max_seq_len:",
+     ["tests/engine/test_serving.py::test_max_seq_len_boundary_and_pool_limits"]),
+    ("engine_inert_rows_write", "rast_kernels/engine/device_step.py",
+     "slot = torch.where(active, blk.long() * bs + pos % bs, self.scratch)", "slot = blk.long() * bs + pos % bs",
+     ["tests/engine/test_engine.py::test_state_fully_reset_between_calls"] + SERVING_TESTS),
+    ("engine_shared_partial_block_not_copied", "rast_kernels/engine/device_step.py",
+     "            if copies:\n                cache.copy_blocks(", "            if False:\n                cache.copy_blocks(",
+     ["tests/engine/test_serving.py::test_n_samples_equal_their_solo_reproduction"]),
+    ("engine_eos_kept", "rast_kernels/engine/engine.py",
+     "                seq.stop_reason = new.pop()\n", "                seq.stop_reason = new[-1]\n",
+     ["tests/engine/test_engine.py"]),
+    ("engine_stop_window", "rast_kernels/engine/detokenize.py",
+     "self.stop_at = find_stop(self.text, self.stops, max(0, old_len - self.hold))[0]",
+     "self.stop_at = find_stop(self.text, self.stops, old_len)[0]", ["tests/engine/test_detokenize.py"]),
+    ("engine_pos_not_advanced", "rast_kernels/engine/device_step.py",
+     "st.pos.index_copy_(0, rows, g(st.pos) + good.long())", "st.pos.index_copy_(0, rows, g(st.pos))",
+     ["tests/engine/test_engine.py::test_greedy_matches_full_forward_oracle"]),
+    ("scheduler_preempts_oldest", "rast_kernels/engine/scheduler.py",
+     "victim = max((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)",
+     "victim = min((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)",
+     ["tests/engine/test_scheduler.py"]),
+    ("scheduler_block_leak", "rast_kernels/engine/scheduler.py",
+     "        self.alloc.release(seq.blocks)\n        seq.blocks = []", "        seq.blocks = []",
+     ["tests/engine/test_scheduler.py"]),
+    ("compaction_forgets_the_ring", "rast_kernels/engine/device_step.py",
+     "self.ring_tok, self.ring_lp] + extra", "self.ring_lp] + extra", SERVING_TESTS),
+    ("decode_attention_reference_end", "rast_kernels/ops/decode_attention.py",
+     "(pos[None, :] < end.to(q.device).long()[:, None])", "(pos[None, :] <= end.to(q.device).long()[:, None])",
+     ["tests/ops/test_decode_attention.py"]),
+    ("cpp_topp", "csrc/rast_sample_cpu.h", "while (i < its.size() && cum < target) {",
+     "while (i < its.size() && cum <= target) {", SAMPLER_TESTS + ["tests/ops/test_rast_sample_cpp.py"]),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+
+
+def check_snippets() -> list:
+    """``[(name, problem)]`` for mutants whose original snippet does not occur exactly once."""
+    bad = []
+    for name, path, orig, _, _ in MUTANTS:
+        n = (ROOT / path).read_text().count(orig)
+        if n != 1:
+            bad.append((name, f"snippet occurs {n} times in {path}"))
+    return bad
+
+
+def run_mutant(mutant, timeout: int) -> str:
+    name, path, orig, new, tests = mutant
+    with tempfile.TemporaryDirectory(prefix=f"mutant_{name}_") as tmp:
+        tmp = Path(tmp)
+        _copy_tree(tmp)
+        f = tmp / path
+        text = f.read_text()
+        f.write_text(text.replace(orig, new, 1))
+        env = dict(os.environ, PYTHONPATH=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+        if path.startswith("csrc/"):
+            build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp, env=env,
+                                   capture_output=True, text=True, timeout=timeout)
+            if build.returncode:
+                return f"build failed: {build.stderr[-300:]}"
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tmp,
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        return "caught" if r.returncode != 0 else "SURVIVED"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the mutant names and exit")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant (default 900)")
+    args = ap.parse_args(argv)
+    known = {m[0]: m for m in MUTANTS}
+    if args.list:
+        print("\n".join(known))
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        ap.error(f"names: unknown mutant(s) {unknown}; --list shows them")
+    stale = dict(check_snippets())
+    failed = False
+    for name in args.names or list(known):
+        if name in stale:
+            print(f"{name:42s} STALE ({stale[name]})", flush=True)
+            failed = True
+            continue
+        t = time.time()
+        verdict = run_mutant(known[name], args.timeout)
+        failed |= verdict != "caught"
+        print(f"{name:42s} {verdict} ({time.time() - t:.0f}s)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
