@@ -21,8 +21,9 @@ the row's ``cdiv(L, BLOCK_N)`` tiles of ``BLOCK_N`` positions with an online sof
 ``(max, sum, acc)`` that :mod:`.decode_attention`'s combine kernel merges (same workspace layout). The tile width
 ``BLOCK_N`` is independent of the block size: each position's slot is looked up in the table on its own
 (``j // BS``, ``j % BS``), so any ``BS`` works (16, but also 7 or 13) and one tile may span several physical
-blocks. The grid depends only on the shapes; ``seq_lens`` and the table are read on the device only, so the
-launch can be captured in a CUDA graph and replayed with new lengths and tables.
+blocks. Slot offsets are 32-bit unless a pool spans ``2**31`` elements (fewer registers; a compile-time choice
+from the pools' shapes and strides). The grid depends only on the shapes; ``seq_lens`` and the table are read on
+the device only, so the launch can be captured in a CUDA graph and replayed with new lengths and tables.
 """
 from __future__ import annotations
 
