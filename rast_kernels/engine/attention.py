@@ -47,6 +47,8 @@ plus the bounds; without the bounds a float mask makes the call fall back to SDP
 With ``"rast_decode"`` they may be omitted (the 2-D ``attention_mask`` then must cover the whole cache as
 for ``"sdpa"``). Attention with a sliding window, dropout in training or ``output_attentions`` falls back to
 SDPA (``"rast_decode_maskless"`` refuses a sliding window at decode, having no mask to fall back on).
+Soft-capped attention logits (``softcap``: Gemma2) and attention sinks (``s_aux``: GPT-OSS) are a ``ValueError``
+at every step: neither the kernel nor SDPA computes them (the engine gives such models ``"eager"``).
 
 Which kernel runs: the Triton kernel on CUDA, and on CPU tensors too under ``TRITON_INTERPRET=1`` (tests);
 otherwise the PyTorch reference. ``rast_backend="torch"|"triton"`` in the call's kwargs overrides this.
@@ -109,15 +111,19 @@ def _rast_attention_forward(
     backend = kwargs.pop("rast_backend", None)
     q_len = query.shape[2]
     sliding = kwargs.get("sliding_window") is not None
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        # neither the kernel nor the SDPA fallback computes them (SDPA ignores softcap in some transformers
+        # versions): refuse instead of silently attending differently
+        raise ValueError(f"attn_implementation: {RAST_DECODE!r} cannot compute soft-capped attention logits or "
+                         "attention sinks (Gemma2, GPT-OSS); use 'eager'")
     special = (dropout > 0.0 and module.training) or kwargs.get("output_attentions", False) \
-        or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
-        or kwargs.get("s_aux") is not None
+        or kwargs.get("position_bias") is not None
     if (start is None) != (end is None):
         raise ValueError("rast_start, rast_end: pass both or neither")
     if q_len != 1 or sliding or special:
         if q_len == 1 and maskless and attention_mask is None:
             raise ValueError(f"{RAST_DECODE_MASKLESS}: decode without a mask cannot fall back to SDPA "
-                             f"(sliding window, dropout, softcap or output_attentions); use {RAST_DECODE!r}")
+                             f"(sliding window, dropout or output_attentions); use {RAST_DECODE!r}")
         return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     batch = query.shape[0]

@@ -121,3 +121,18 @@ def test_engine_refusal_names_the_role_and_reports_the_choice(tokenizer):
     engine = RastEngine(base, *experts, tokenizer=tokenizer, max_seq_len=32, devices="cpu")
     assert engine.attn == {"base": "sdpa", "expert": "eager", "expert_base": "eager"}
     assert "'base': 'sdpa', 'expert': 'eager', 'expert_base': 'eager'" in repr(engine)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_rast_decode_refuses_softcap_and_sinks_when_forced(family):
+    """Set on such a model behind the chooser's back, "rast_decode" raises instead of falling back to SDPA
+    (which would ignore the soft-capping / the sinks); eager runs."""
+    from rast_kernels.engine.attention import register_rast_attention
+
+    register_rast_attention()
+    m = _model(family).eval()
+    x = torch.tensor([[3, 4, 5]])
+    m(input_ids=x)  # eager
+    m.set_attn_implementation("rast_decode")
+    with pytest.raises(ValueError, match=r"^attn_implementation: 'rast_decode' cannot compute soft-capped"):
+        m(input_ids=x)
