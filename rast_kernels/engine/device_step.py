@@ -265,7 +265,7 @@ class StepRunner:
             cache.prefill, cache.seq_length, cache.mask_len = True, 0, P
             cache.write_slots = slots_host.view(-1).to(dev)
             extra = {"logits_to_keep": 1} if lane.logits_to_keep else {}
-            set_attn_implementation(lane.model, lane.attn)
+            set_attn_implementation(lane.model, lane.attn, lane.role)
             try:
                 lg = self._forward(lane, input_ids=ids_host.to(dev), attention_mask=mask4, position_ids=pos, **extra)
             finally:
@@ -293,7 +293,7 @@ class StepRunner:
         b = next(x for x in self.buckets if x >= b) if self.use_cuda_graph or self.pad_to_buckets else b
         key = (b, 0 if self.fused else gathered)
         for lane in self.lanes:  # another engine sharing a model object may have switched its attention
-            set_attn_implementation(lane.model, lane.attn)
+            set_attn_implementation(lane.model, lane.attn, lane.role)
         graph = self._graph(*key) if self.use_cuda_graph else None
         for _ in range(steps):
             if graph is not None:
