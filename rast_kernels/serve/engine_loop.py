@@ -1,0 +1,305 @@
+"""The engine loop: one thread owns the (not thread-safe) :class:`~rast_kernels.RastEngine` and is the only
+caller of its methods; request handlers talk to it through a command queue and get events back on their own
+asyncio queues.
+
+Spec:
+
+* :meth:`EngineLoop.submit` (event-loop side) queues a validated :class:`~.protocol.Job` and returns a
+  :class:`Ticket`, or raises :class:`~.protocol.APIError`: 503 while draining or after the loop died, 429 with
+  ``Retry-After`` when the engine's waiting sequences plus the queued ones reach ``max_waiting`` (back-pressure:
+  a queue that only grows helps nobody).
+* The loop thread adds a job's prompts with :meth:`RastEngine.add_request` (all or none: a prompt that does not
+  fit aborts the ones added before it, which have not run yet) and answers ``("added", prompt_token_counts)`` or
+  ``("rejected", APIError)``; then one ``("output", GenerationOutput, choice_index)`` per engine update and
+  ``("done",)`` once every choice finished. Choice ``i * n + j`` is sample ``j`` of prompt ``i``.
+* :meth:`EngineLoop.abort` (a client went away) aborts the job's engine requests at once: slots and KV blocks
+  are free before the next step, and the published stats (``/metrics``) show it.
+* ``engine.step()`` raising does not end the loop: every job in flight (the step served them all, none can be
+  trusted to continue) is aborted and gets ``("ended", "error", message)``; the loop goes on with new jobs.
+* :meth:`EngineLoop.begin_drain` (SIGTERM): new jobs get 503; jobs still running after ``timeout`` seconds get
+  ``("ended", "abort", message)`` so that their responses end cleanly. :meth:`EngineLoop.stop` ends the thread.
+* A job's finished engine requests are released with ``abort_request`` (a no-op for finished sequences) because
+  the engine keeps every ``add_request`` entry until then; a server that never released them would grow without
+  bound.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+from typing import List, Optional
+
+from .metrics import Metrics
+from .protocol import APIError, ChatPrompt, Job
+
+log = logging.getLogger("rast_kernels.serve")
+
+
+class _Sample:
+    __slots__ = ("first", "last", "ntok", "finished")
+
+    def __init__(self):
+        self.first = None
+        self.last = None
+        self.ntok = 0
+        self.finished = False
+
+
+class Ticket:
+    """One HTTP request in flight: its job, its engine request ids and the asyncio queue its events arrive on."""
+
+    def __init__(self, job: Job, aio_loop: asyncio.AbstractEventLoop, t0: float):
+        self.job = job
+        self.t0 = t0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.rids: List[str] = []
+        self.samples = [_Sample() for _ in range(len(job.prompts) * job.params.n)]
+        self.remaining = len(self.samples)
+        self.cancelled = False  # set by abort() before the loop saw the job
+        self.closed = False  # no more events will come
+        self._aio = aio_loop
+
+    @property
+    def sequences(self) -> int:
+        return len(self.samples)
+
+    def put(self, event) -> None:
+        try:
+            self._aio.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+            pass
+
+
+class EngineLoop:
+    """Drives one engine from a thread (module docstring)."""
+
+    def __init__(self, engine, *, metrics: Optional[Metrics] = None, max_waiting: int = 256,
+                 idle_wait_s: float = 0.5):
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.max_waiting = int(max_waiting)
+        self.idle_wait_s = idle_wait_s
+        self._cmds = collections.deque()  # (kind, ticket); deque appends/pops are atomic
+        self._wake = threading.Event()
+        self._active: dict = {}  # ticket -> None (insertion ordered)
+        self._by_rid: dict = {}  # engine request id -> (ticket, prompt index)
+        self._queued = 0  # sequences submitted and not yet added (read by submit's back-pressure check)
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._drain_deadline: Optional[float] = None
+        self.draining = False
+        self.dead: Optional[str] = None
+        self.steps_failed = 0
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="rast-engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job, t0: Optional[float] = None) -> Ticket:
+        if self.dead is not None:
+            raise APIError(503, None, f"engine loop stopped: {self.dead}", type="server_error")
+        if self.draining:
+            raise APIError(503, None, "server is shutting down", type="server_error", headers={"Retry-After": "5"})
+        ticket = Ticket(job, asyncio.get_running_loop(), time.perf_counter() if t0 is None else t0)
+        with self._lock:
+            waiting = self.metrics.engine_stats.get("waiting", 0) + self._queued
+            if waiting >= self.max_waiting:
+                raise APIError(429, None, f"too many requests waiting ({waiting} sequences, limit "
+                                          f"max_waiting={self.max_waiting}); retry later",
+                               type="rate_limit_error", code="too_many_waiting", headers={"Retry-After": "1"})
+            self._queued += ticket.sequences
+        self._cmds.append(("add", ticket))
+        self._wake.set()
+        return ticket
+
+    def abort(self, ticket: Ticket) -> None:
+        """End ``ticket`` now (idempotent; harmless after it finished)."""
+        if ticket.closed:
+            return
+        ticket.cancelled = True
+        self._cmds.append(("abort", ticket))
+        self._wake.set()
+
+    def begin_drain(self, timeout: float) -> None:
+        self.draining = True
+        self._drain_deadline = time.monotonic() + max(0.0, timeout)
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    # ------------------------------------------------------------------ loop thread
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                while self._cmds:
+                    kind, ticket = self._cmds.popleft()
+                    if kind == "add":
+                        self._add(ticket)
+                    else:
+                        self._abort(ticket, "abort", "client disconnected")
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self._active:
+                    self._end_all("abort", "server shutting down: the request was ended before it finished")
+                if self._stopping:
+                    self._end_all("abort", "server stopped")
+                    self._publish()
+                    return
+                if self._active:
+                    try:
+                        outs = self.engine.step()
+                    except Exception as exc:  # the server outlives a failing step; its jobs do not
+                        self.steps_failed += 1
+                        log.error("engine step failed; ending %d request(s):\n%s", len(self._active),
+                                  traceback.format_exc())
+                        self._end_all("error", f"engine error: {type(exc).__name__}: {exc}")
+                    else:
+                        self._dispatch(outs)
+                    self._publish()
+                else:
+                    self._publish()
+                    timeout = self.idle_wait_s
+                    if self._drain_deadline is not None:
+                        timeout = min(timeout, max(0.0, self._drain_deadline - time.monotonic()))
+                    self._wake.wait(timeout)
+        except BaseException as exc:  # a bug here: fail everyone loudly rather than leave handlers waiting
+            self.dead = f"{type(exc).__name__}: {exc}"
+            log.critical("engine loop died:\n%s", traceback.format_exc())
+            for ticket in list(self._active):
+                ticket.closed = True
+                ticket.put(("ended", "error", f"engine loop died: {self.dead}"))
+            while self._cmds:
+                _, ticket = self._cmds.popleft()
+                ticket.closed = True
+                ticket.put(("rejected", APIError(503, None, f"engine loop stopped: {self.dead}",
+                                                 type="server_error")))
+
+    def _publish(self) -> None:
+        with self._lock:
+            self.metrics.set_engine_stats(self.engine.stats(), self._queued)
+
+    def _add(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._queued -= ticket.sequences
+        if ticket.cancelled:
+            ticket.closed = True
+            return
+        job, eng = ticket.job, self.engine
+        tok = eng.tokenizer
+        counts, rids = [], []
+        try:
+            for i, p in enumerate(job.prompts):
+                name = job.prompt_param if len(job.prompts) == 1 else f"{job.prompt_param}[{i}]"
+                try:
+                    # tokenized exactly as RastEngine does for a string prompt (so a server completion equals
+                    # engine.generate(prompt)); a chat rendering already holds the template's special tokens
+                    if isinstance(p, ChatPrompt):
+                        ids = list(tok(p.text, add_special_tokens=False)["input_ids"])
+                    elif isinstance(p, str):
+                        ids = list(tok(p, add_special_tokens=True)["input_ids"])
+                    else:
+                        ids = p
+                    params = job.params
+                    if job.max_tokens_auto:
+                        s = eng.stats()
+                        room = min(eng.max_seq_len - len(ids),
+                                   s["kv_blocks_total"] * s["block_size"] - len(ids) + 1)
+                        if room < 1:
+                            raise ValueError(f"{len(ids)} prompt tokens leave no room to generate within "
+                                             f"max_seq_len={eng.max_seq_len}")
+                        params = dataclasses.replace(params, max_new_tokens=room)
+                    rids.append(eng.add_request(ids, params))
+                    counts.append(len(ids))
+                except (ValueError, TypeError) as exc:
+                    msg = str(exc)
+                    for old in ("prompts[0]: ", "prompt: "):  # the engine names its own argument
+                        if msg.startswith(old):
+                            msg = msg[len(old):]
+                    raise APIError(400, name, f"{name}: {msg.replace('max_new_tokens', 'max_tokens')}")
+        except APIError as err:
+            for rid in rids:  # added this iteration, never stepped: nothing ran
+                eng.abort_request(rid)
+            ticket.closed = True
+            ticket.put(("rejected", err))
+            return
+        except Exception as exc:  # e.g. a tokenizer failure on odd input: the request's fault or ours, not fatal
+            for rid in rids:
+                eng.abort_request(rid)
+            ticket.closed = True
+            log.error("adding a request failed:\n%s", traceback.format_exc())
+            ticket.put(("rejected", APIError(400, job.prompt_param, f"{job.prompt_param}: could not be queued: "
+                                                                    f"{type(exc).__name__}: {exc}")))
+            return
+        ticket.rids = rids
+        for i, rid in enumerate(rids):
+            self._by_rid[rid] = (ticket, i)
+        self._active[ticket] = None
+        self.metrics.add_prompt_tokens(sum(counts))
+        ticket.put(("added", counts))
+
+    def _dispatch(self, outs) -> None:
+        now = time.perf_counter()
+        for out in outs:
+            entry = self._by_rid.get(out.request_id)
+            if entry is None:
+                continue
+            ticket, pi = entry
+            ci = pi * ticket.job.params.n + out.sample_index
+            st = ticket.samples[ci]
+            if st.finished:
+                continue
+            if len(out.token_ids) > st.ntok:
+                if st.first is None:
+                    st.first = now
+                    self.metrics.observe_ttft(now - ticket.t0)
+                st.last = now
+                st.ntok = len(out.token_ids)
+            ticket.put(("output", out, ci))
+            if out.finished:
+                st.finished = True
+                ticket.remaining -= 1
+                tpot = (st.last - st.first) / (st.ntok - 1) if st.ntok >= 2 else None
+                self.metrics.observe_finish(out.finish_reason, tpot)
+                n = ticket.job.params.n
+                if all(s.finished for s in ticket.samples[pi * n:(pi + 1) * n]):
+                    self.engine.abort_request(out.request_id)  # releases the engine's bookkeeping entry
+                    self._by_rid.pop(out.request_id, None)
+                if ticket.remaining == 0:
+                    self._active.pop(ticket, None)
+                    ticket.closed = True
+                    ticket.put(("done",))
+
+    def _abort(self, ticket: Ticket, reason: str, message: str) -> None:
+        if ticket not in self._active:
+            return
+        for rid in ticket.rids:
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # keep going: the other rids must be freed too
+                log.error("abort_request(%s) failed:\n%s", rid, traceback.format_exc())
+            self._by_rid.pop(rid, None)
+        for st in ticket.samples:
+            if not st.finished:
+                st.finished = True
+                self.metrics.observe_finish(reason, None)
+        self._active.pop(ticket, None)
+        ticket.closed = True
+        ticket.put(("ended", reason, message))  # a handler may still be waiting (non-streamed, disconnected)
+
+    def _end_all(self, reason: str, message: str) -> None:
+        for ticket in list(self._active):
+            self._abort(ticket, reason, message)

@@ -1,0 +1,142 @@
+"""Server metrics in the Prometheus text exposition format (version 0.0.4), written here so that
+prometheus-client is not needed.
+
+Exposed (``GET /metrics``):
+
+* gauges from the engine's last :meth:`~rast_kernels.RastEngine.stats` (refreshed by the engine loop after
+  every step and every abort): ``rast_requests_running`` and ``rast_requests_waiting`` (sequences: a request
+  with ``n`` samples counts ``n``), ``rast_kv_blocks_used``, ``rast_kv_blocks_total``, ``rast_kv_block_size``;
+  ``rast_requests_queued`` (HTTP requests accepted but not yet handed to the engine);
+* counters: ``rast_generation_tokens_total`` (the engine's count), ``rast_prompt_tokens_total``,
+  ``rast_http_requests_total{endpoint,status}``, ``rast_samples_finished_total{reason}``;
+* histograms: ``rast_time_to_first_token_seconds`` (per sample, from the HTTP request's arrival to the engine
+  reporting its first token) and ``rast_time_per_output_token_seconds`` (per finished sample with >= 2 tokens:
+  (last token time - first token time) / (tokens - 1)).
+
+Updated from the engine-loop thread and the event loop, read from the event loop: one lock.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from typing import Dict, Sequence
+
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics: ``le`` buckets, ``+Inf``, ``_sum``, ``_count``)."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list:
+        out, acc = [], 0
+        for bound, c in zip(self.bounds, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {acc}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum {self.sum:.9g}")
+        out.append(f"{name}_count {self.count}")
+        return out
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """The server's metrics registry (module docstring)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.http = Counter()  # (endpoint, status) -> count
+        self.finished = Counter()  # finish reason -> samples
+        self.prompt_tokens = 0
+        self.engine_stats: Dict[str, int] = {}
+        self.queued = 0
+
+    def observe_ttft(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def observe_finish(self, reason: str, tpot: float | None) -> None:
+        with self._lock:
+            self.finished[reason or "none"] += 1
+            if tpot is not None:
+                self.tpot.observe(tpot)
+
+    def add_prompt_tokens(self, n: int) -> None:
+        with self._lock:
+            self.prompt_tokens += n
+
+    def count_http(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.http[(endpoint, int(status))] += 1
+
+    def set_engine_stats(self, stats: dict, queued: int) -> None:
+        with self._lock:
+            self.engine_stats = dict(stats)
+            self.queued = queued
+
+    def render(self) -> str:
+        with self._lock:
+            s = dict(self.engine_stats)
+            lines = []
+
+            def metric(name, kind, help_, samples):
+                lines.append(f"# HELP {name} {help_}")
+                lines.append(f"# TYPE {name} {kind}")
+                lines.extend(samples)
+
+            for key, help_ in (("running", "Sequences in decode slots."),
+                               ("waiting", "Sequences waiting for a decode slot or KV blocks.")):
+                metric(f"rast_requests_{key}", "gauge", help_, [f"rast_requests_{key} {s.get(key, 0)}"])
+            metric("rast_requests_queued", "gauge", "HTTP requests accepted, not yet handed to the engine.",
+                   [f"rast_requests_queued {self.queued}"])
+            metric("rast_kv_blocks_used", "gauge", "KV cache blocks in use.",
+                   [f"rast_kv_blocks_used {s.get('kv_blocks_used', 0)}"])
+            metric("rast_kv_blocks_total", "gauge", "KV cache blocks in the pool.",
+                   [f"rast_kv_blocks_total {s.get('kv_blocks_total', 0)}"])
+            metric("rast_kv_block_size", "gauge", "Token slots per KV block.",
+                   [f"rast_kv_block_size {s.get('block_size', 0)}"])
+            metric("rast_generation_tokens_total", "counter", "Tokens generated by the engine.",
+                   [f"rast_generation_tokens_total {s.get('tokens_generated', 0)}"])
+            metric("rast_prompt_tokens_total", "counter", "Prompt tokens of the requests handed to the engine.",
+                   [f"rast_prompt_tokens_total {self.prompt_tokens}"])
+            metric("rast_http_requests_total", "counter", "HTTP requests answered, by endpoint and status.",
+                   [f'rast_http_requests_total{{endpoint="{_escape(e)}",status="{c}"}} {v}'
+                    for (e, c), v in sorted(self.http.items())])
+            metric("rast_samples_finished_total", "counter", "Samples finished, by finish reason.",
+                   [f'rast_samples_finished_total{{reason="{_escape(r)}"}} {v}'
+                    for r, v in sorted(self.finished.items())])
+            metric("rast_time_to_first_token_seconds", "histogram",
+                   "Per sample: HTTP request arrival to its first generated token.",
+                   self.ttft.lines("rast_time_to_first_token_seconds"))
+            metric("rast_time_per_output_token_seconds", "histogram",
+                   "Per finished sample: mean time between its generated tokens.",
+                   self.tpot.lines("rast_time_per_output_token_seconds"))
+        return "\n".join(lines) + "\n"
+
+
+def parse_text(text: str) -> Dict[str, float]:
+    """``{"name{labels}": value}`` from Prometheus text (comments skipped); for tests and the benchmark."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
