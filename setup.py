@@ -21,6 +21,27 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
+NO_TORCH_MESSAGE = ("rast_kernels: build with `pip install --no-build-isolation .` (torch must be importable at "
+                    "build time; install torch first)")
+
+
+def torch_build_problem() -> str | None:
+    """The one-line reason this build cannot work, or None.
+
+    The extension compiles against the installed torch, which pyproject.toml deliberately does not list
+    as a build requirement (an isolated build would download a second, multi-GB torch). So under pip's
+    default build isolation torch is missing here; saying so at once beats a long traceback from
+    setuptools later. ``RAST_KERNELS_ALLOW_NO_EXT=1`` opts into a pure-Python install instead."""
+    if os.environ.get("RAST_KERNELS_ALLOW_NO_EXT", "0") not in ("", "0"):
+        return None
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch") is not None  # finds, does not import (seconds)
+    except (ImportError, ValueError):
+        found = False
+    return None if found else NO_TORCH_MESSAGE
+
 
 class CMakeExtension(Extension):
     """An extension whose sources CMake compiles (setuptools only sees an empty source list)."""
@@ -143,4 +164,8 @@ class CMakeBuild(build_ext):
             subprocess.run([cmake, *build], cwd=build_temp, check=True)
 
 
-setup(ext_modules=[CMakeExtension("rast_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":  # setuptools.build_meta and `python setup.py` both run it as __main__; a test imports it
+    _problem = torch_build_problem()
+    if _problem:
+        sys.exit(_problem)  # one line on stderr, exit status 1
+    setup(ext_modules=[CMakeExtension("rast_kernels._C")], cmdclass={"build_ext": CMakeBuild})

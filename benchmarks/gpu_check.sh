@@ -15,16 +15,25 @@
 #                pip download --no-deps flashinfer-python==0.3.1 -d /tmp/fi &&
 #                pip wheel --no-deps --no-build-isolation /tmp/fi/flashinfer_python-0.3.1.tar.gz -w .whl
 #   install    pip install --no-build-isolation --no-deps --no-index -e .   (CPU + CUDA kernels, sm_90)
-#   tests      pytest on CUDA, tests/engine and tests/ops first (graph-vs-eager, Triton kernels natively),
-#              then the rest; --maxfail=25 so one failure does not hide the others
+#   tests      pytest on CUDA, tests/ops and tests/engine only (graph-vs-eager, Triton kernels natively; the
+#              rest runs on CPU in CI), with -n auto when pytest-xdist is importable; --maxfail=25 so one
+#              failure does not hide the others
 #   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1, 8, 32: the engine (fused decode),
-#              the engine with transformers' forward (decode kernel / SDPA), the peer loop, base alone
-#                                                                    -> decode.json
+#              the engine with transformers' forward (decode kernel / SDPA), base alone, then the eager peer
+#              loop (the pre-project anchors measured it already, so it comes last) -> decode.json
 #   profile    benchmarks/profile_decode_step.py: sdpa, decode kernel, fused decode -> profile_*.json
+#              (written after each implementation)
 #   sampler    benchmarks/bench_sampler.py, full grid                -> sampler.json, sampler.png
 #   attention  benchmarks/bench_decode_attention.py                  -> decode_attention.json
 # The order is the priority: what is still unmeasured comes first, so a run cut by the budget keeps it.
 # Run a subset with GPU_CHECK_STEPS="install sampler" (install is needed for the compiled kernels).
+#
+# Time limits send SIGINT first (pytest then prints its failures and writes the junit XML, a benchmark
+# keeps the JSON it has checkpointed), and SIGKILL 30 s later if the step is still running.
+#
+# Dry run, no GPU needed (tests/test_build.py runs it): GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh
+# checks this script's syntax, that every step's function exists, that every script it runs exists and
+# parses the options given to it here (argparse only, nothing runs), and that the pytest folders exist.
 #
 # Everything lands under $OUT, flat, at most 8 files: gpu_check.log (all output), summary.txt (one line
 # per step: exit code and seconds), the JSON/PNG results as they are produced, and results.tar.gz
@@ -40,6 +49,8 @@ WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests decode profile sampler attention"}
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+[ "$DRY_RUN" = 0 ] && DRY_RUN=""
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -49,6 +60,10 @@ step() {
     local name=$1 limit=$2
     shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+    if [ -n "$DRY_RUN" ]; then
+        dry_step "$name" "$@"
+        return 0
+    fi
     local left=$((BUDGET_S - ($(date +%s) - T0) - 15))
     if ((left < 20)); then
         echo "== $name: skipped, the budget is used up"
@@ -59,15 +74,93 @@ step() {
     echo "== $name (limit ${limit}s, t=$(($(date +%s) - T0))s): $*"
     local t=$(date +%s)
     if declare -F "$1" >/dev/null; then # a function of this script: run it in a child bash (exported below)
-        timeout -k 10 "$limit" bash -c "$*" 2>&1 | tee "$WORK/$name.log"
+        timeout -s INT -k 30 "$limit" bash -c "$*" 2>&1 | tee "$WORK/$name.log"
     else
-        timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
+        timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
     fi
     local rc=${PIPESTATUS[0]}
     local note=""
     ((rc == 124 || rc == 137)) && note=" (timed out)"
     echo "== $name: rc=$rc$note after $(($(date +%s) - t))s"
     printf '%-10s rc=%-4s %4ss%s\n' "$name" "$rc" "$(($(date +%s) - t))" "$note" >>"$SUMMARY"
+}
+
+# dry_step NAME CMD...: check CMD without running it (GPU_CHECK_DRY_RUN=1); scripts are queued for one
+# argparse-only pass at the end (one Python start for all of them)
+dry_step() {
+    local name=$1
+    shift
+    local problem=""
+    if declare -F "$1" >/dev/null; then
+        :
+    elif [ "$1" = "$PY" ] && [ "${2:-}" = "-m" ] && [ "${3:-}" = "pytest" ]; then
+        local a value_next=""
+        for a in "${@:4}"; do # the paths among pytest's arguments must exist (a typo would test nothing)
+            if [ -n "$value_next" ]; then
+                value_next=""
+            else
+                case "$a" in -p | -n | -k | -m) value_next=1 ;; -*) ;; *) [ -e "$a" ] || problem="$problem missing $a" ;; esac
+            fi
+        done
+    elif [ "$1" = "$PY" ]; then
+        if [ -f "${2:-}" ]; then
+            (IFS=$'\x1f'; printf '%s\n' "${*:2}") >>"$WORK/dry_run_scripts"
+        else
+            problem="missing script ${2:-}"
+        fi
+    else
+        command -v "$1" >/dev/null || problem="unknown command $1"
+    fi
+    if [ -n "$problem" ]; then
+        echo "== $name: DRY RUN FAILED:$problem"
+        printf '%-10s rc=1    dry run:%s\n' "$name" "$problem" >>"$SUMMARY"
+    else
+        printf '%-10s rc=0    dry run\n' "$name" >>"$SUMMARY"
+    fi
+}
+
+# parse each queued script's options with its own argparse parser and stop there: argparse's
+# parse_args is wrapped to raise once it has parsed (type checks and unknown options included), so
+# nothing runs
+dry_parse() {
+    [ -s "$WORK/dry_run_scripts" ] || return 0
+    "$PY" - "$WORK/dry_run_scripts" >>"$SUMMARY" <<'PYEOF'
+import argparse, io, os, runpy, sys
+from contextlib import redirect_stderr, redirect_stdout
+
+
+class Parsed(Exception):
+    pass
+
+
+original = argparse.ArgumentParser.parse_args
+
+
+def parse_then_stop(self, args=None, namespace=None):
+    original(self, args, namespace)
+    raise Parsed
+
+
+argparse.ArgumentParser.parse_args = parse_then_stop
+for line in open(sys.argv[1]):
+    argv = line.rstrip("\n").split("\x1f")
+    sys.argv, here = argv, os.path.dirname(os.path.abspath(argv[0]))
+    sys.path.insert(0, here)  # as when the script is run: its folder first (benchmarks import each other)
+    err, status = io.StringIO(), None
+    try:
+        with redirect_stdout(io.StringIO()), redirect_stderr(err):
+            runpy.run_path(argv[0], run_name="__main__")
+        status = "ran to its end without parsing options"
+    except Parsed:
+        pass
+    except SystemExit as exc:
+        status = f"exit {exc.code}: {err.getvalue().strip()[-300:]}"
+    except Exception as exc:
+        status = f"{type(exc).__name__}: {exc}"
+    finally:
+        sys.path.remove(here)
+    print(f"{'parse':<10} rc={0 if status is None else 1:<4} {' '.join(argv)}" + ("" if status is None else f": {status}"))
+PYEOF
 }
 
 # copy result files produced so far to $OUT (flat names; the tarball keeps the rest)
@@ -119,6 +212,7 @@ install_pkg() {
 pytest_args() {
     local a="--maxfail=25 -q -p no:cacheprovider --durations=15 --junitxml=$WORK/junit.xml"
     "$PY" -c "import pytest_timeout" 2>/dev/null && a="$a --timeout=120"
+    "$PY" -c "import xdist" 2>/dev/null && a="$a -n auto"
     echo "$a"
 }
 
@@ -132,8 +226,8 @@ main() {
     [ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     step install 240 install_pkg
     # shellcheck disable=SC2046
-    # the files that exercise CUDA first, so a run cut by the time limit still covers them
-    step tests 150 "$PY" -m pytest tests/engine tests/ops tests $(pytest_args)
+    # only the folders that exercise CUDA: the rest is CPU code that CI covers
+    step tests 150 "$PY" -m pytest tests/ops tests/engine $(pytest_args)
     step decode 240 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
         --out "$WORK"
     collect
@@ -145,12 +239,19 @@ main() {
     collect
     step attention 60 "$PY" benchmarks/bench_decode_attention.py --out "$WORK"
     collect
-    nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv || true
+    if [ -n "$DRY_RUN" ]; then
+        dry_parse
+    else
+        nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv || true
+    fi
     echo "gpu_check: done after $(($(date +%s) - T0))s"
     echo "---- summary"
     cat "$SUMMARY"
 }
 
+if [ -n "$DRY_RUN" ]; then
+    bash -n "$0" || printf '%-10s rc=1    bash -n failed\n' syntax >>"$SUMMARY"
+fi
 main 2>&1 | tee "$OUT/gpu_check.log"
 collect
 tar czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null || true

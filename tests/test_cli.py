@@ -1,9 +1,26 @@
+"""Every command-line entry point: ``python -m rast_kernels``, ``python/*.py`` and the benchmark scripts.
+
+A user error (a bad option value, a missing file, a device this machine does not have) must be one
+line on stderr naming the option, exit status 2 and no traceback, before any model is loaded. Most
+cases run the scripts' ``main(argv)`` in this process (the same parser, no second torch import); one
+real subprocess per CLI, all started at once, proves the exit status and the absence of a traceback
+from the outside."""
+import importlib
+import importlib.util
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from rast_kernels.__main__ import info, main
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+NO_CUDA = not torch.cuda.is_available()
+MODELS = ["--base", "a", "--expert", "b", "--expert-base", "c", "--prompt", "x"]
 
 
 def test_info_lists_versions_backends_and_gpu(capsys):
@@ -14,12 +31,149 @@ def test_info_lists_versions_backends_and_gpu(capsys):
     assert text.strip() == info()
 
 
-def test_info_rejects_arguments():
-    with pytest.raises(SystemExit):
+def test_version(capsys):
+    import rast_kernels
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rast_kernels {rast_kernels.__version__}"
+
+
+def test_info_rejects_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
         main(["info", "--bogus"])
+    assert e.value.code == 2 and "--bogus" in capsys.readouterr().err
 
 
-def test_module_entry_point_runs():
-    res = subprocess.run([sys.executable, "-m", "rast_kernels", "info"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "backends:" in res.stdout
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_cli_test_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script by name (they import each other as scripts run from benchmarks/ do)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    yield importlib.import_module
+    for name in [n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "/").parent == BENCH]:
+        del sys.modules[name]
+
+
+def _assert_user_error(run, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        run()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert option in err, (option, err)
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "plain_file").write_text("")
+    return str(tmp_path / "plain_file" / "sub")  # cannot be created: its parent is a file
+
+
+DEMO_CASES = [
+    (["--problems", "100000"], "--problems"), (["--problems", "0"], "--problems"),
+    (["--device", "nonsense"], "--device"), (["--trio", "/nonexistent"], "--trio"),
+    (["--trio", str(ROOT)], "--trio"),  # a folder, but without base/ expert/ expert_base/
+    (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"), (["--samples", "-1"], "--samples"),
+    (["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
+    (["--alpha", "nan"], "--alpha"), (["--seed", "-1"], "--seed"), (["--problems", "ten"], "--problems"),
+] + ([(["--device", "cuda"], "--device")] if NO_CUDA else [])
+
+
+@pytest.mark.parametrize("argv,option", DEMO_CASES, ids=[" ".join(a) for a, _ in DEMO_CASES])
+def test_demo_user_errors(argv, option, capsys):
+    _assert_user_error(lambda: main(["demo", *argv]), option, capsys)
+
+
+GENERATE_CASES = [
+    (["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"), (["--top-k", "-1"], "--top-k"),
+    (["--min-p", "2"], "--min-p"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-batch-size", "0"], "--max-batch-size"), (["--max-seq-len", "1"], "--max-seq-len"),
+    (["--max-new-tokens", "100", "--max-seq-len", "50"], "--max-new-tokens"),
+    (["--prompt-file", "/nonexistent"], "--prompt-file"), (["--device", "nonsense"], "--device"),
+    (["--expert-device", "nonsense"], "--expert-device"), (["--seed", "-1"], "--seed"), (["--alpha", "inf"], "--alpha"),
+    (["--stream", "--prompt", "y"], "--stream"), (["--stop", ""], "--stop"),
+] + ([(["--device", "cuda"], "--device")] if NO_CUDA else [])
+
+
+@pytest.mark.parametrize("argv,option", GENERATE_CASES, ids=[" ".join(a) for a, _ in GENERATE_CASES])
+def test_generate_user_errors(argv, option, capsys):
+    mod = _load_script(ROOT / "python" / "generate.py")
+    _assert_user_error(lambda: mod.main(MODELS + argv), option, capsys)
+
+
+def test_generate_needs_models_and_prompts(capsys):
+    mod = _load_script(ROOT / "python" / "generate.py")
+    _assert_user_error(lambda: mod.main(["--prompt", "x"]), "--base", capsys)
+    _assert_user_error(lambda: mod.main(MODELS[:6]), "--prompt", capsys)
+
+
+def test_sample_step_and_trainer_user_errors(tmp_path, capsys):
+    step = _load_script(ROOT / "python" / "sample_step.py")
+    for argv, option in ([["--batch", "0"], "--batch"], [["--steps", "0"], "--steps"],
+                         [["--device", "nonsense"], "--device"]):
+        _assert_user_error(lambda: step.main(argv), option, capsys)
+    from rast_kernels.toy import train
+
+    for argv, option in ([["--threads", "0"], "--threads"], [["--eval-problems", "100000"], "--eval-problems"],
+                         [["--worked-fraction", "2"], "--worked-fraction"], [["--rl-steps", "-1"], "--rl-steps"],
+                         [["--seed", "-1"], "--seed"], [["--out", _under_a_file(tmp_path)], "--out"]):
+        _assert_user_error(lambda: train.main(["--smoke", *argv]), option, capsys)
+
+
+def test_benchmark_user_errors(tmp_path, bench, capsys):
+    bad_out = _under_a_file(tmp_path)
+    cases = {
+        "bench_sampler": [(["--batch", "0"], "--batch"), (["--vocab", "1"], "--vocab"), (["--budget-s", "0"], "--budget-s"),
+                          (["--repeats", "0"], "--repeats"), (["--device", "nonsense"], "--device"),
+                          (["--copy-mib", "0"], "--copy-mib"), (["--out", bad_out], "--out")],
+        "bench_decode": [(["--batch", "0"], "--batch"), (["--new-tokens", "1"], "--new-tokens"),
+                         (["--repeats", "0"], "--repeats"), (["--top-p", "0"], "--top-p"),
+                         (["--temperature", "-1"], "--temperature"), (["--device", "nonsense"], "--device"),
+                         (["--tiny", "--max-seq-len", "5"], "--max-seq-len")],
+        "profile_decode_step": [(["--out", str(tmp_path), "--steps", "0"], "--steps"),
+                                (["--out", str(tmp_path), "--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
+    }
+    for module, module_cases in cases.items():
+        mod = bench(module)
+        for argv, option in module_cases:
+            _assert_user_error(lambda: mod.main(argv), option, capsys)
+    (tmp_path / "not.json").write_text("{")
+    (tmp_path / "other.json").write_text('{"meta": {"benchmark": "other"}, "rows": []}')
+    for module, option in (("results_table", "files"), ("plot_sampler", "json")):
+        mod = bench(module)
+        for path in ("/nonexistent.json", tmp_path / "not.json", tmp_path / "other.json"):
+            _assert_user_error(lambda: mod.main([str(path)]), option, capsys)
+
+
+def test_each_cli_as_a_subprocess(tmp_path):
+    """One bad option per CLI, run as a user runs it; all started together (each imports torch)."""
+    py = sys.executable
+    cases = [
+        ([py, "-m", "rast_kernels", "demo", "--problems", "100000"], "--problems"),
+        ([py, "python/generate.py", *MODELS, "--prompt-file", "/nonexistent"], "--prompt-file"),
+        ([py, "python/sample_step.py", "--batch", "0"], "--batch"),
+        # the message names the trainer's parser: the script forwards to rast_kernels.toy.train
+        ([py, "python/train_toy_trio.py", "--threads", "0"], "rast_kernels.toy.train: error: argument --threads"),
+        ([py, "benchmarks/bench_sampler.py", "--budget-s", "0"], "--budget-s"),
+        ([py, "benchmarks/bench_decode.py", "--batch", "0"], "--batch"),
+        ([py, "benchmarks/profile_decode_step.py", "--out", str(tmp_path), "--steps", "0"], "--steps"),
+        ([py, "benchmarks/results_table.py", "/nonexistent.json"], "files"),
+        ([py, "benchmarks/plot_sampler.py", "/nonexistent.json"], "json"),
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    start = lambda cmd: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+    info_proc = start([py, "-m", "rast_kernels", "info"])  # and the entry point's good path
+    procs = [(start(cmd), cmd, option) for cmd, option in cases]
+    out, err = info_proc.communicate(timeout=180)
+    assert info_proc.returncode == 0 and "backends:" in out, err
+    for proc, cmd, option in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 2, (cmd, proc.returncode, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and option in err, (cmd, err)
