@@ -6,5 +6,6 @@ Optional dependencies (the ``eval`` extra) are imported only where used: math-ve
 ``"math"``), pyarrow (Parquet files), matplotlib (the alpha plot), lm-eval (the ``"rast"`` harness model).
 """
 from .grading import KINDS, grade, grade_detail
+from .metrics import majority_score, mean_se, pass_at_k, summarize
 
-__all__ = ["KINDS", "grade", "grade_detail"]
+__all__ = ["KINDS", "grade", "grade_detail", "majority_score", "mean_se", "pass_at_k", "summarize"]
