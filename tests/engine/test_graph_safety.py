@@ -1,7 +1,13 @@
 """Graph safety without a GPU: the engine's decode step must never read a device value on the host or produce a
 data-dependent shape (either would break or stall CUDA-graph capture). The step runs on CPU under a
-``TorchDispatchMode`` that fails on such ops; later engine changes must keep passing this."""
+``TorchDispatchMode`` that fails on such ops; later engine changes must keep passing this.
+
+One exemption: the argument checks of the ops (functions named ``_check*`` in ``rast_kernels/ops/``) may read
+CPU tensors' values (e.g. ``rope_cache_write`` range-checks ``col`` on CPU), because they skip that for CUDA
+tensors; on a GPU, ``tests/engine/test_engine_cuda.py`` runs the same step under CUDA's sync-debug mode."""
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -16,6 +22,16 @@ _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", 
                    "repeat_interleave", "argwhere"}
 
 
+def _in_cpu_only_check() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if "rast_kernels/ops/" in code.co_filename.replace("\\", "/") and code.co_name.startswith("_check"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class NoHostSync(TorchDispatchMode):
     """Raises on ops that read device values to the host or whose output shape depends on the data; records every
     op name it sees (so the test can check the step really ran through it)."""
@@ -28,6 +44,8 @@ class NoHostSync(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         self.seen.add(name)
+        if name in _HOST_READS and _in_cpu_only_check():
+            return func(*args, **kwargs)
         if name in _HOST_READS or name in _DATA_DEPENDENT:
             raise AssertionError(f"{func}: reads a device value on the host or has a data-dependent shape")
         if name in ("index", "index_put", "index_put_") and any(
