@@ -307,3 +307,59 @@ def test_temperature_limits(backend):
     assert tokens[1].item() == -1 and tokens[0].item() >= 0 and tokens[2].item() >= 0
     with pytest.raises(ValueError, match="temperature"):
         rast_sample(*trio, temperature=math.inf)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_rows_under_a_number_seed_draw_independently(backend):
+    """128 copies of one row under ``seed=7`` (offset 0) are 128 independent draws from the row's distribution
+    (each row b draws with mix_seed(7, b)): not one token repeated, frequencies pass a G-test, and every backend
+    draws exactly the reference's tokens."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    draws = 128
+    g = torch.Generator().manual_seed(20261201)
+    row = torch.randn(1, 9, generator=g)  # nine tokens, none below ~1.5% probability
+    trio = [row.to(DEVICE).expand(draws, -1), torch.zeros(draws, 9, device=DEVICE), torch.zeros(draws, 9, device=DEVICE)]
+    tokens = rast_sample(*trio, seed=7, backend=backend).cpu()
+    assert torch.equal(tokens, rast_sample_reference(*[t.cpu() for t in trio], seed=7))
+    assert tokens.unique().numel() > 3
+    probs = torch.softmax(row[0].double(), 0)
+    counts = torch.bincount(tokens, minlength=9).double()
+    _, pvalue = scipy_stats.power_divergence(counts.numpy(), (probs * draws).numpy(), lambda_="log-likelihood")
+    assert pvalue > 1e-3
+
+
+LN2 = math.log(2.0)
+# (filters, kept tokens) on the weights 1, 1/2, 1/4, 1/4 of tokens a, b, c, d (total mass 2, all exact in fp32):
+# top-p keeps a token iff the kept mass strictly above it is < p * 2: b has mass 1 above it (kept iff p > 1/2),
+# c and d have 1.5 (kept iff p > 3/4); min-p keeps prob >= min_p * max prob; top-k keeps ties at the k-th value
+_ABOVE_HALF = float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))
+_ABOVE_3_4 = float(torch.nextafter(torch.tensor(0.75), torch.tensor(1.0)))
+EXACT_BOUNDARIES = [
+    (dict(top_p=0.5), "a"), (dict(top_p=_ABOVE_HALF), "ab"), (dict(top_p=0.75), "ab"), (dict(top_p=_ABOVE_3_4), "abcd"),
+    (dict(min_p=0.5), "ab"), (dict(min_p=_ABOVE_HALF), "a"), (dict(min_p=0.25), "abcd"),
+    (dict(top_k=3), "abcd"), (dict(top_k=2), "ab"), (dict(top_k=3, top_p=0.75), "ab"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_filter_boundaries(backend):
+    """Masses exactly at a filter boundary: top-p compares the strictly-more-probable kept mass with ``<`` (a token
+    whose mass above equals p * S is dropped), min-p with ``>=`` (prob == min_p * max prob is kept), top-k keeps
+    the whole tie group at the k-th value. Each case runs on 16-32 rows (independent draws under one number seed) in
+    one call with per-row parameter tensors: only the spec's kept tokens are drawn, and each of them is."""
+    cols = dict(a=5, b=2, c=9, d=0)  # scattered among masked columns of an odd width
+    z = torch.full((11,), -math.inf)
+    for name, logw in zip("abcd", (0.0, -LN2, -2 * LN2, -2 * LN2)):
+        z[cols[name]] = logw
+    w = torch.exp(z)  # precondition of the test: the weights are exact in fp32
+    assert w[[cols[n] for n in "abcd"]].tolist() == [1.0, 0.5, 0.25, 0.25]
+    per = 16 if backend == "triton" and DEVICE == "cpu" else 32  # the interpreter's searches cost ~40 ms a row
+    rows = len(EXACT_BOUNDARIES) * per
+    params = {name: torch.tensor([case.get(name, default) for case, _ in EXACT_BOUNDARIES for _ in range(per)],
+                                 device=DEVICE) for name, default in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0))}
+    base = z.to(DEVICE).expand(rows, -1)
+    zeros = torch.zeros(rows, 11, device=DEVICE)
+    tokens = rast_sample(base, zeros, zeros, seed=3, backend=backend, **params).cpu()
+    for i, (case, kept) in enumerate(EXACT_BOUNDARIES):
+        drawn = set(tokens[i * per:(i + 1) * per].tolist())
+        assert drawn == {cols[n] for n in kept}, (case, kept, drawn)

@@ -19,7 +19,7 @@ pytestmark = [
 
 if _backends.has_triton():
     from rast_kernels.ops.rast_sample_triton import (launch_config, philox_noise_triton, rast_sample_triton,
-                                                     reserve_workspace)
+                                                     reserve_workspace, workspace_device)
 
 NAMES = ("alpha", "temperature", "top_k", "top_p", "min_p", "seed", "offset")
 DEFAULTS = dict(alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0)
@@ -232,6 +232,23 @@ def test_public_op_out_in_place_and_workspace_regrowth():
     assert reserve_workspace(1, 33, DEVICE) is buf
     bigger = reserve_workspace(64, 5000, DEVICE)
     assert bigger.numel() >= 64 * 5000 and reserve_workspace(5, 900, DEVICE) is bigger
+
+
+def test_workspace_key_is_normalised(monkeypatch):
+    """One key per device for reserve_workspace and the launch: "cuda" is the current CUDA device (a
+    pre-capture reservation for "cuda" must be the buffer a launch on cuda:<i> tensors uses), "cpu:0" is "cpu"."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert workspace_device("cuda") == torch.device("cuda", 3)
+    assert workspace_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert workspace_device("cuda:1") == torch.device("cuda", 1)
+    assert workspace_device("cpu:0") == workspace_device("cpu") == torch.device("cpu")
+    monkeypatch.undo()
+    if DEVICE == "cpu":  # an indexed spelling of the device reserves the buffer the launch then uses
+        buf = reserve_workspace(7, 4000, "cpu:0")
+        assert reserve_workspace(7, 4000, "cpu") is buf
+        trio = [_logits(7, 4000, 90 + i) for i in range(3)]
+        rast_sample(*trio, backend="triton", top_p=0.9, seed=1)
+        assert reserve_workspace(1, 10, torch.device("cpu")) is buf  # the launch did not replace it
 
 
 def test_launch_config():
