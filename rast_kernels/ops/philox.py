@@ -18,6 +18,8 @@ The sampler draws ``argmax_i (z_i / T - log E_i)`` over the kept columns (Gumbel
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PHILOX_M0 = 0xD2511F53
@@ -115,4 +117,10 @@ def row_seeds(seed, batch: int, device=None) -> torch.Tensor:
     ``mix_seed(seed, b)``, so identical rows under one scalar seed still draw independently."""
     if isinstance(seed, torch.Tensor):
         return seed.to(device=device if device is not None else seed.device, dtype=torch.int64).reshape(batch)
-    return torch.tensor([mix_seed(seed, b) for b in range(batch)], dtype=torch.int64, device=device)
+    return torch.tensor(_mixed_seeds(int(seed), int(batch)), dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed_seeds(seed: int, batch: int) -> tuple:
+    # cached: a decode loop calls with one seed and batch size every step (ints, so callers cannot alter it)
+    return tuple(mix_seed(seed, b) for b in range(batch))

@@ -18,7 +18,9 @@ the workspace row: fp32 ``z'`` maps to an order-preserving int32 key (``bits ^ (
 signed compare), and with ``C(t) = #{key >= t}`` and ``H(t) = sum exp(z' - max) over key >= t``:
 
 * top-k threshold ``tau_k = (smallest t with C(t) < k) - 1``;
-* top-p on the top-k-kept set, ``S_k = H(tau_k)``: ``tau_p = (smallest t > tau_k with H(t) < p * S_k) - 1``;
+* top-p on the top-k-kept set, ``S_k = H(tau_k)``: ``tau_p = (smallest t > tau_k with H(t) < p * S_k) - 1``
+  (``S_k`` is summed here from the same terms ``exp(z' - max)`` as ``H``, with one exp, also without top-k:
+  not taken from kernel 1's chunk sums, which round differently);
 * keep ``key >= max(tau_k, tau_p)`` and (min-p) ``exp(z' - max) >= min_p``.
 
 Both searches are a multi-pivot bisection on the keys: a pass over the row evaluates the predicate at
@@ -42,6 +44,10 @@ Why this and not the alternatives:
 * vLLM's pivot-based truncation (Qrita) guesses thresholds from a statistical model of the logits and
   refines them on float pivots; the key bisection here needs no model, is bounded (<= 9 passes) for any
   data, and ends on the exact boundary with ties kept, as the spec requires.
+
+Seeds: a ``[B]`` seed tensor is read as given; a number seed arrives as two int32 halves and each program
+derives its row's Philox key ``mix_seed(seed, row)`` (:func:`.philox.mix_seed`) in uint64 arithmetic, so a
+call with a number seed needs no device tensor built on the host.
 
 Exactness notes: the combination, ``z / T`` (IEEE division ``div_rn``), the noise (Philox4x32-10 on
 uint32 with ``umulhi``, and ``E`` from the words operation for operation as
