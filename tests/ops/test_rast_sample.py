@@ -363,3 +363,24 @@ def test_exact_filter_boundaries(backend):
     for i, (case, kept) in enumerate(EXACT_BOUNDARIES):
         drawn = set(tokens[i * per:(i + 1) * per].tolist())
         assert drawn == {cols[n] for n in kept}, (case, kept, drawn)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_top_p_boundary_with_large_tie_groups(backend):
+    """Top-p's exact boundary with 4096 candidates (the C++ kernel's histogram path, not its sort): 1024 tokens of
+    weight 1, 1024 of 1/2, 2048 of 1/4 (kept mass S = 2048, exact): p = 1/2 drops the halves (mass above them
+    1024 = p * S), p = 3/4 keeps the halves and drops the quarters (mass above 1536 = p * S)."""
+    g = torch.Generator().manual_seed(4096)
+    logw = torch.cat([torch.zeros(1024), torch.full((1024,), -LN2), torch.full((2048,), -2 * LN2)])
+    perm = torch.randperm(4096, generator=g)
+    z = logw[perm]  # column perm[i] holds candidate i
+    weight = torch.exp(z)
+    assert weight.sum().item() == 2048.0 and set(weight.tolist()) == {1.0, 0.5, 0.25}  # exact masses
+    per = 8 if backend == "triton" and DEVICE == "cpu" else 16
+    rows = 2 * per
+    top_p = torch.tensor([0.5] * per + [0.75] * per, device=DEVICE)
+    base = z.to(DEVICE).expand(rows, -1)
+    zeros = torch.zeros(rows, 4096, device=DEVICE)
+    w = weight[rast_sample(base, zeros, zeros, top_p=top_p, seed=11, backend=backend).cpu()]
+    assert (w[:per] == 1.0).all()
+    assert (w[per:] >= 0.5).all() and (w[per:] == 0.5).any()
