@@ -42,7 +42,7 @@ Why this and not the alternatives:
 * AIR top-p (radix select over histograms) needs several launches or grid-wide synchronisation for a
   single row spread over many programs, and its per-bucket mass sums are order-dependent.
 * vLLM's pivot-based truncation (Qrita) guesses thresholds from a statistical model of the logits and
-  refines them on float pivots; the key bisection here needs no model, is bounded (<= 9 passes) for any
+  refines them on float pivots; the key bisection here needs no model, is bounded (<= 10 passes) for any
   data, and ends on the exact boundary with ties kept, as the spec requires.
 
 Seeds: a ``[B]`` seed tensor is read as given; a number seed arrives as two int32 halves and each program
