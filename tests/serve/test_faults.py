@@ -1,0 +1,325 @@
+"""Faults and limits: hostile or malformed bodies get 400/404 JSON errors naming the field and nothing runs; a
+client that disconnects frees its slot and KV blocks (read back from /metrics); back-pressure answers 429 with
+Retry-After; an engine step that raises ends the requests in flight with an error (never a 500) and the server
+goes on; SIGTERM under load ends every request cleanly and exits 0; CLI option errors are one line, exit 2."""
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rast_kernels import SamplingParams
+from serve_helpers import HOST, free_port, running_server, sse_events, toy_prompts
+
+P = "Q0110100101101011="
+DEEP = 100_000
+
+BAD_BODIES = [
+    (b"{not json", "body"),
+    (b"[1, 2]", "body"),
+    (b"\xff\xfe", "body"),
+    (b'{"prompt": "Q01=", "temperature": NaN}', "body"),
+    (b'{"prompt": "Q01=", "max_tokens": 1' + b"0" * 5000 + b"}", "body"),  # beyond Python's int conversion limit
+    (b'{"prompt": ' + b"[" * DEEP + b"]" * DEEP + b"}", "body"),
+    (dict(prompt=5), "prompt"),
+    (dict(), "prompt"),
+    (dict(prompt=[]), "prompt"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt=[[1, "a"]]), "prompt[0]"),
+    (dict(prompt=[1, 2, 99999]), "prompt"),  # outside the vocabulary (the engine's check)
+    (dict(prompt="0" * 600), "prompt"),  # beyond max_seq_len
+    (dict(prompt="0" * 500, max_tokens=24), "prompt"),  # prompt + max_tokens beyond max_seq_len
+    (dict(prompt=P, max_tokens="10"), "max_tokens"),
+    (dict(prompt=P, max_tokens=10**12), "max_tokens"),
+    (dict(prompt=P, max_tokens=0), "max_tokens"),
+    (dict(prompt=P, n=-1), "n"),
+    (dict(prompt=P, n=10**9), "n"),
+    (dict(prompt=P, n=1.5), "n"),
+    (dict(prompt=P, stop=5), "stop"),
+    (dict(prompt=P, stop=["a", 1]), "stop"),
+    (dict(prompt=P, stop=[""]), "stop"),
+    (dict(prompt=P, temperature=-1), "temperature"),
+    (dict(prompt=P, temperature="hot"), "temperature"),
+    (dict(prompt=P, top_p=0), "top_p"),
+    (dict(prompt=P, top_p=1.5), "top_p"),
+    (dict(prompt=P, min_p=2), "min_p"),
+    (dict(prompt=P, top_k=-1), "top_k"),
+    (dict(prompt=P, top_k=1.5), "top_k"),
+    (dict(prompt=P, alpha="a"), "alpha"),
+    (dict(prompt=P, alpha=1e400 if False else 10**400), "alpha"),
+    (dict(prompt=P, seed=2**70), "seed"),
+    (dict(prompt=P, seed=1.5), "seed"),
+    (dict(prompt=P, logprobs=5), "logprobs"),
+    (dict(prompt=P, stream="yes"), "stream"),
+    (dict(prompt=P, stream_options={"include_usage": True}), "stream_options"),
+    (dict(prompt=P, tempreture=1.0), "tempreture"),
+    (dict(prompt=P, echo=True), "echo"),
+    (dict(prompt=P, frequency_penalty=0.5), "frequency_penalty"),
+    (dict(prompt=P, ignore_eos=1), "ignore_eos"),
+]
+BAD_CHAT = [
+    (dict(), "messages"),
+    (dict(messages="hi"), "messages"),
+    (dict(messages=[]), "messages"),
+    (dict(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    (dict(messages=[{"content": "x"}]), "messages[0].role"),
+    (dict(messages=[{"role": "user", "content": P}], top_logprobs=3), "top_logprobs"),
+    (dict(messages=[{"role": "user", "content": P}], prompt=P), "prompt"),
+]
+
+
+def _check_error(status, headers, data, param, expect=400):
+    assert status == expect, data[:300]
+    assert headers["content-type"].startswith("application/json")
+    err = json.loads(data)["error"]
+    assert err["param"] == param
+    assert err["message"].startswith(param + ":"), err["message"]
+    return err
+
+
+def test_bad_requests_are_400_naming_the_field(server):
+    before = server.metrics()
+    for body, param in BAD_BODIES:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, headers, data = server.request("POST", "/v1/completions", raw=raw)
+        _check_error(status, headers, data, param)
+    for body, param in BAD_CHAT:
+        status, headers, data = server.request("POST", "/v1/chat/completions", body)
+        _check_error(status, headers, data, param)
+    status, headers, data = server.request("POST", "/v1/completions", dict(prompt=P, model="gpt-4"))
+    _check_error(status, headers, data, "model", 404)
+    after = server.wait_idle()
+    assert after["rast_generation_tokens_total"] == before["rast_generation_tokens_total"]  # nothing ran
+    assert after['rast_http_requests_total{endpoint="/v1/completions",status="400"}'] - before.get(
+        'rast_http_requests_total{endpoint="/v1/completions",status="400"}', 0) == len(BAD_BODIES)
+    assert server.post("/v1/completions", dict(prompt=P, max_tokens=4))[0] == 200  # and it still serves
+
+
+def _refused_upload(port, head: bytes, chunks) -> tuple:
+    """Send ``head`` then ``chunks`` until the server answers (it may answer and close before the upload ends, as
+    it should for a body over the limit); returns (status, headers, body) of its answer."""
+    import select
+
+    sock = socket.create_connection((HOST, port), timeout=30)
+    try:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        select.select([sock], [], [], 30)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                dict(line.split(": ", 1) for line in data.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+                     ).get("content-length", "0")):
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+    finally:
+        sock.close()
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    lines = head_part.decode().split("\r\n")
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_body_size_limit(server):
+    raw = json.dumps(dict(prompt="0" * (10 << 20))).encode()  # a 10 MB prompt
+    pieces = [raw[i:i + (1 << 16)] for i in range(0, len(raw), 1 << 16)]
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(raw)).encode() + b"\r\n\r\n")
+    err = _check_error(*_refused_upload(server.port, head, pieces), "body")  # refused from Content-Length
+    assert err["code"] == "body_too_large"
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = [b"%x\r\n" % len(p) + p + b"\r\n" for p in pieces]
+    err = _check_error(*_refused_upload(server.port, head, chunked), "body")  # refused as it arrives
+    assert err["code"] == "body_too_large"
+    assert server.get_json("/health")[0] == 200
+
+
+def _raw_post(port, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((HOST, port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
+def _wait(cond, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_disconnect_mid_stream_frees_slots_and_blocks(server):
+    start = server.wait_idle()
+    aborted0 = start.get('rast_samples_finished_total{reason="abort"}', 0)
+    sock = _raw_post(server.port, dict(prompt=P, max_tokens=480, ignore_eos=True, n=2, stream=True, seed=1))
+    got = b""
+    while got.count(b"data: ") < 6:  # a few chunks: the request is running
+        chunk = sock.recv(65536)
+        assert chunk, "server closed the stream early"
+        got += chunk
+    m = server.metrics()
+    assert m["rast_requests_running"] == 2 and m["rast_kv_blocks_used"] > 0
+    sock.close()
+    m = server.wait_idle()
+    assert m['rast_samples_finished_total{reason="abort"}'] - aborted0 == 2  # ended by the disconnect
+    assert m["rast_generation_tokens_total"] - start["rast_generation_tokens_total"] < 2 * 480
+
+
+def test_disconnect_while_waiting_for_a_full_response(server):
+    start = server.wait_idle()
+    aborted0 = start.get('rast_samples_finished_total{reason="abort"}', 0)
+    sock = _raw_post(server.port, dict(prompt=P, max_tokens=480, ignore_eos=True, seed=2))
+    _wait(lambda: server.metrics()["rast_generation_tokens_total"] > start["rast_generation_tokens_total"],
+          "the request to start")
+    sock.close()
+    m = server.wait_idle()
+    assert m['rast_samples_finished_total{reason="abort"}'] - aborted0 == 1
+    assert m["rast_generation_tokens_total"] - start["rast_generation_tokens_total"] < 480
+
+
+# ---------------------------------------------------------------- a small server: back-pressure, then SIGTERM
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("small"), "--max-batch-size", "2", "--max-waiting", "2",
+                        "--max-seq-len", "512", "--drain-timeout", "1") as srv:
+        yield srv
+
+
+def test_back_pressure_429_with_retry_after(small_server):
+    body = dict(prompt=P, max_tokens=150, ignore_eos=True, seed=3)
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: small_server.request("POST", "/v1/completions", body), range(10)))
+    codes = sorted(r[0] for r in results)
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    for status, headers, data in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+            assert json.loads(data)["error"]["type"] == "rate_limit_error"
+        else:
+            assert json.loads(data)["choices"][0]["finish_reason"] == "length"
+    small_server.wait_idle()
+
+
+def test_sigterm_under_load_ends_requests_cleanly_and_exits_0(small_server):
+    body = dict(prompt=P, max_tokens=480, ignore_eos=True, seed=4)
+    results = [None] * 4
+
+    def client(i):
+        stream = i % 2 == 0
+        status, _, data = small_server.request("POST", "/v1/completions", dict(body, stream=stream), timeout=60)
+        assert status == 200, data
+        if stream:
+            events = sse_events(data.decode().split("\n"))
+            reasons = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+            results[i] = (status, events[-1], reasons[-1])
+        else:
+            results[i] = (status, "[DONE]", json.loads(data)["choices"][0]["finish_reason"])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for i, t in enumerate(threads):  # one by one, so that none meets the back-pressure limit: 2 run, 2 wait
+        t.start()
+        _wait(lambda: (lambda m: m["rast_requests_running"] + m["rast_requests_waiting"])(small_server.metrics())
+              == i + 1, f"request {i} in the engine")
+    rc = small_server.terminate(timeout=60)
+    for t in threads:
+        t.join(60)
+    assert rc == 0, small_server.log()
+    for r in results:  # every request got a whole response: a final finish_reason and, streamed, [DONE]
+        assert r is not None and r[0] == 200 and r[1] == "[DONE]" and r[2] in ("length", "abort"), results
+    assert "Traceback" not in small_server.log()
+
+
+# ---------------------------------------------------------------- an engine whose step raises
+def test_engine_exception_does_not_kill_the_server(ref_engine):
+    uvicorn = pytest.importorskip("uvicorn")
+    from serve_helpers import Server
+
+    from rast_kernels.serve import create_app
+
+    (ref,) = ref_engine.generate(P, SamplingParams(max_new_tokens=20, seed=6))
+    real_step, fail = ref_engine.step, threading.Event()
+
+    def flaky_step():
+        outs = real_step()  # the engine did run: state moved on, and then something broke
+        if fail.is_set():
+            raise RuntimeError("injected fault")
+        return outs
+
+    ref_engine.step = flaky_step
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ref_engine), host=HOST, port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, "the in-process server")
+        client = Server.__new__(Server)  # only its HTTP helpers
+        client.url = f"http://{HOST}:{port}"
+        fail.set()
+        status, body = client.post("/v1/completions", dict(prompt=P, max_tokens=20, seed=6, n=2))
+        assert status == 200
+        for c in body["choices"]:
+            assert c["finish_reason"] == "error" and "injected fault" in c["error"]["message"]
+        status, _, data = client.request("POST", "/v1/completions", dict(prompt=P, max_tokens=20, stream=True))
+        events = sse_events(data.decode().split("\n"))
+        assert status == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "error"
+        fail.clear()
+        status, body = client.post("/v1/completions", dict(prompt=P, max_tokens=20, seed=6))
+        assert status == 200 and body["choices"][0]["text"] == ref.text
+        assert client.get_json("/health") == (200, {"status": "ok"})
+        m = client.metrics()
+        assert m["rast_kv_blocks_used"] == 0 and m["rast_requests_running"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        ref_engine.step = real_step
+    assert not ref_engine.has_unfinished_requests()
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.mark.parametrize("args, option", [
+    (["--port", "70000", "--toy"], "--port"),
+    (["--port", "abc", "--toy"], "--port"),
+    (["--max-batch-size", "0", "--toy"], "--max-batch-size"),
+    (["--toy", "--base", "x"], "--toy"),
+    ([], "--base"),
+    (["--base", "/no/such/dir"], "--base"),
+    (["--base", "org/model", "--expert", "org/e"], "--expert-base"),
+    (["--toy", "--chat-template", "/no/such/file"], "--chat-template"),
+    (["--toy", "--kv-cache-tokens", "4"], "--kv-cache-tokens"),
+    (["--toy", "--alpha", "nan"], "--alpha"),
+    (["--toy", "--drain-timeout", "-1"], "--drain-timeout"),
+    (["--toy", "--max-waiting", "0"], "--max-waiting"),
+])
+def test_cli_errors_are_one_line_exit_2(args, option, capsys):
+    from rast_kernels.serve.cli import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(args + ["--port", str(free_port())] if "--port" not in args else args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and "Traceback" not in err, err
+
+
+def test_cli_port_in_use_fails_before_loading():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "rast_kernels.serve.cli", "--toy", "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--port" in r.stderr, r.stderr
+    assert "Loading weights" not in r.stderr
