@@ -1,10 +1,9 @@
-import json
 import os
 
 import pytest
 
 from rast_kernels.eval.datasets import DATASETS, load_dataset, read_records
-from rast_kernels.eval.templates import RAST, Template, default_template, resolve_template
+from rast_kernels.eval.templates import RAST, default_template, resolve_template
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -65,7 +64,8 @@ def test_bad_inputs(tmp_path):
         load_dataset("mmlu", path("math500.jsonl"))
     with pytest.raises(FileNotFoundError, match="data"):
         load_dataset("math500", path("nope.jsonl"))
-    with pytest.raises(ValueError, match=r"data: .*record 1 has no answer field 'answer' \(it has: problem, solution\)"):
+    with pytest.raises(ValueError,
+                       match=r"data: .*record 1 has no answer field 'answer' \(it has: problem, solution\)"):
         load_dataset("math500", path("missing_answer.jsonl"))
     with pytest.raises(ValueError, match="data.*needs a file"):
         load_dataset("gsm8k")
@@ -88,8 +88,9 @@ def test_bad_inputs(tmp_path):
 
 def test_templates():
     t = resolve_template("rast")
-    assert t.render("1+1?") == "Question:\n1+1?\nAnswer:\nLet's think step by step.\n" == RAST.replace("{input}", "1+1?")
-    assert resolve_template("boxed").render(r"x^{2}") .endswith("within \\boxed{}.")
+    assert t.render("1+1?") == "Question:\n1+1?\nAnswer:\nLet's think step by step.\n"
+    assert RAST == "Question:\n{input}\nAnswer:\nLet's think step by step.\n"
+    assert resolve_template("boxed").render(r"x^{2}").endswith("within \\boxed{}.")
     assert resolve_template("raw").render("Q0101=") == "Q0101="
     custom = resolve_template(path("template.txt"))
     assert custom.render("2+2") == "Problem: 2+2\nShow your work; end with \\boxed{answer}.\n"
