@@ -172,3 +172,24 @@ def test_plot_when_matplotlib_is_there(toy_run, tmp_path):
     _, out, s = toy_run
     assert runner.plot_alpha(s, str(tmp_path / "a.png")) is None
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_ctrl_c_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "o")
+    argv = ["--toy", "--max-problems", "4", "--n", "2", "--base-only", "--no-progress", "--out", out]
+    real, calls = runner.grade_detail, []
+
+    def interrupt_on_fifth(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "grade_detail", interrupt_on_fifth)
+    assert cli.main(argv) == 130
+    assert "re-run the same command to resume" in capsys.readouterr().err
+    assert len(_records(out)) == 4
+    monkeypatch.setattr(runner, "grade_detail", real)
+    assert cli.main(argv) == 0
+    recs = _records(out)
+    assert len(recs) == 8 and len({runner._key(r) for r in recs}) == 8
