@@ -33,7 +33,7 @@ def _available(backend):
 
 
 # examples per backend: the interpreter costs ~50 ms a row
-EXAMPLES = {"torch": 80, "cpp": 200, "triton": 40 if INTERPRETED else 200}
+EXAMPLES = {"torch": 60, "cpp": 120, "triton": 40 if INTERPRETED else 200}
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend unavailable"))
             for b in EXAMPLES]
 

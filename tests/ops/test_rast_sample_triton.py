@@ -244,9 +244,9 @@ def test_workspace_key_is_normalised(monkeypatch):
     assert workspace_device("cpu:0") == workspace_device("cpu") == torch.device("cpu")
     monkeypatch.undo()
     if DEVICE == "cpu":  # an indexed spelling of the device reserves the buffer the launch then uses
-        buf = reserve_workspace(7, 4000, "cpu:0")
-        assert reserve_workspace(7, 4000, "cpu") is buf
-        trio = [_logits(7, 4000, 90 + i) for i in range(3)]
+        buf = reserve_workspace(2, 700, "cpu:0")
+        assert reserve_workspace(2, 700, "cpu") is buf
+        trio = [_logits(2, 700, 90 + i) for i in range(3)]
         rast_sample(*trio, backend="triton", top_p=0.9, seed=1)
         assert reserve_workspace(1, 10, torch.device("cpu")) is buf  # the launch did not replace it
 
