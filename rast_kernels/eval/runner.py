@@ -273,7 +273,7 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
     per_pair = Counter((r["dataset"], r["problem_id"], r["config"]) for r in relevant)
     pairs_total = sum(len(d.items) for d in datasets) * len(configs)
     pairs_done = sum(v >= settings.n for v in per_pair.values())
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, loading = time.perf_counter(), 0, 0.0
     path = os.path.join(out_dir, SAMPLES)
     try:
         with open(path, "a", encoding="utf-8") as sink:
@@ -282,7 +282,9 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
                     continue
                 lens = [len(prompts[u.dataset.name][u.index]) for u in units[m]]
                 diag = settings.diagnostics and m == "trio"
+                t_make = time.perf_counter()
                 engine = engine_factory(m, max(lens) + settings.max_new_tokens, diag)
+                loading += time.perf_counter() - t_make  # tokens/s counts generation and grading, not loading
                 feeder = _Feeder(engine, units[m], lambda u: prompts[u.dataset.name][u.index], settings)
                 feeder.top_up()
                 while feeder.busy():
@@ -308,20 +310,22 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
                         per_pair[pair] += 1
                         pairs_done += per_pair[pair] == settings.n
                         if bar is not None:
-                            el = time.perf_counter() - t0
+                            el = time.perf_counter() - t0 - loading
                             bar.update(1)
                             bar.set_postfix(problems=f"{pairs_done}/{pairs_total}",
-                                            tok_s=f"{tokens / el:.0f}" if el > 0 else "-", acc=f"{right / graded:.3f}")
+                                            tok_s=f"{tokens / el:.0f}" if el > 0 else "-", acc=f"{right / graded:.3f}",
+                                            refresh=False)  # redrawn at tqdm's own pace, not per sample
                     feeder.top_up()
                 del engine, feeder
     finally:
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - t0
+    gen = wall - loading
     summary = build_summary(datasets, configs, settings, list(done.values()),
                             decode=lambda ids: tokenizer.decode(ids))
-    summary["run"] = dict(wall_s=round(wall, 3), new_tokens=tokens,
-                          tokens_per_s=round(tokens / wall, 1) if wall > 0 and tokens else None,
+    summary["run"] = dict(wall_s=round(wall, 3), loading_s=round(loading, 3), new_tokens=tokens,
+                          tokens_per_s=round(tokens / gen, 1) if gen > 0 and tokens else None,
                           resumed_samples=done_now)
     write_outputs(out_dir, summary, configs, datasets, log)
     return summary
