@@ -159,8 +159,9 @@ def _silu_mul():
 
 
 def _rast_sample():
-    """Both sampler kernels with and without filters / tensor parameters; z / T must be the IEEE division, log
-    libdevice's (not the approximate lg2), Philox 32-bit umulhi; the launches use ``enable_fp_fusion=False``."""
+    """Both sampler kernels with and without filters / tensor parameters (and filters with a number seed, mixed
+    per row in uint64); z / T must be the IEEE division, log libdevice's (not the approximate lg2), Philox 32-bit
+    umulhi, every exp of kernel 2 (the top-p masses) libdevice's; the launches use ``enable_fp_fusion=False``."""
     import rast_kernels.ops.rast_sample_triton as m
 
     p = "*fp32"
@@ -173,8 +174,8 @@ def _rast_sample():
                 topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
                 seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
                 V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
-    for t in (False, True):
-        flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=t, OFF_T=t, FILTER=t, PRECISE=True)
+    for t, seed_t in ((False, False), (True, True), (True, False)):
+        flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=seed_t, OFF_T=t, FILTER=t, PRECISE=True)
         ptx1 = compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, **flags), 4,
                            enable_fp_fusion=False)
         ptx2 = compile_ptx(m._rast_finish_kernel, sig2, dict(NCP2=512, BLOCK=512, NP=16, WRITE_LP=True, **flags), 8,
@@ -183,10 +184,13 @@ def _rast_sample():
         for ptx in (ptx1, ptx2):
             assert "lg2.approx.f32" not in ptx, "log must be libdevice's logf, not the approximate lg2"
         assert "mul.hi.u32" in ptx1, "Philox must use 32-bit umulhi"
+        # tl.exp lowers to mul by log2(e) + ex2.approx.f32, libdevice's expf to ex2.approx.ftz.f32 after an exact
+        # range reduction: the top-p masses S_k and H(t) must come from one exp, libdevice's
+        assert "ex2.approx.f32" not in ptx2, "kernel 2's exp must be libdevice's expf, not the approximate tl.exp"
     compile_ptx(m._noise_debug_kernel, dict(seed_ptr="*i64", off_ptr="*i64", col_ptr="*i64", words_ptr="*i64",
                                             exp_ptr=p, NCOL="i32"), dict(BLOCK=256, PRECISE=True), 4,
                 enable_fp_fusion=False)
-    return 5
+    return 7
 
 
 def _attention_configs():
