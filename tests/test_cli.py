@@ -122,7 +122,8 @@ def test_sample_step_and_trainer_user_errors(tmp_path, capsys):
 
     for argv, option in ([["--threads", "0"], "--threads"], [["--eval-problems", "100000"], "--eval-problems"],
                          [["--worked-fraction", "2"], "--worked-fraction"], [["--rl-steps", "-1"], "--rl-steps"],
-                         [["--seed", "-1"], "--seed"], [["--out", _under_a_file(tmp_path)], "--out"]):
+                         [["--seed", "-1"], "--seed"], [["--out", _under_a_file(tmp_path)], "--out"],
+                         [[], "--out"]):  # --smoke without --out would overwrite the shipped trio
         _assert_user_error(lambda: train.main(["--smoke", *argv]), option, capsys)
 
 

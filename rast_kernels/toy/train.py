@@ -340,8 +340,8 @@ def main(argv=None) -> int:
 
     ap = _cli.ArgumentParser(prog="python -m rast_kernels.toy.train",
                              description=__doc__.split("\n")[0].replace("``", ""))
-    ap.add_argument("--out", type=_cli.output_dir, default=DEFAULT_OUT,
-                    help="output folder, created if missing (default: the package's trio/)")
+    ap.add_argument("--out", type=_cli.output_dir, default=None,
+                    help="output folder, created if missing (default: the package's trio/; required with --smoke)")
     ap.add_argument("--seed", type=_cli.int_range(0), default=0, help="run seed, >= 0 (default 0)")
     ap.add_argument("--smoke", action="store_true", help="smallest setting, for CI (seconds)")
     ap.add_argument("--threads", type=_cli.int_range(1), default=None, help="torch threads, >= 1 (default 2; smoke 1)")
@@ -352,6 +352,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rl-steps", type=_cli.int_range(0), default=None,
                     help="GRPO steps for the expert, >= 0 (default 100; smoke 3)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        if args.smoke:  # a smoke trio is useless as the shipped one: never overwrite it by default
+            _cli.fail(ap, "--out", "--smoke needs --out DIR (the default folder is the shipped trio)")
+        args.out = DEFAULT_OUT
 
     over = {k: v for k, v in dict(seed=args.seed, eval_problems=args.eval_problems,
                                   worked_fraction=args.worked_fraction, rl_steps=args.rl_steps).items()
