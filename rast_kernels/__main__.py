@@ -1,4 +1,4 @@
-"""Command line: python -m rast_kernels info | python -m rast_kernels demo [options] | --version."""
+"""Command line: python -m rast_kernels {info, demo, eval, serve} [options] | --version."""
 from __future__ import annotations
 
 import argparse
@@ -52,18 +52,27 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _cli.ArgumentParser(prog="python -m rast_kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"rast_kernels {rast_kernels.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo,eval,serve}")
     sub.add_parser("info", help="versions, backends and GPU")
-    # the demo parses its own options (rast_kernels.toy.demo), so its --help is the full one
+    # the other commands parse their own options in their modules, so their --help is the full one
     sub.add_parser("demo", help="RAST on the embedded toy model trio (options: demo --help)", add_help=False)
+    sub.add_parser("eval", help="evaluate base, expert and base + delta on datasets (options: eval --help)",
+                   add_help=False)
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server over one RAST engine (options: serve --help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
             parser.error(f"info takes no arguments, got {' '.join(rest)}")
         print(info())
         return 0
-    from rast_kernels.toy.demo import main as demo_main
-    return demo_main(rest)
+    if args.command == "eval":
+        from rast_kernels.eval.cli import main as command_main
+    elif args.command == "serve":
+        from rast_kernels.serve.cli import main as command_main
+    else:
+        from rast_kernels.toy.demo import main as command_main
+    return command_main(rest)
 
 
 if __name__ == "__main__":
