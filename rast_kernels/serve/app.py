@@ -186,8 +186,11 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
             loop.abort(ticket)  # no-op when it finished; frees it when this handler was cancelled
         return _json_response(_full_response(job, kind, rid, counts, finals))
 
-    def _choice_error(reason, message):
-        return {"message": message, "type": "sampler_error" if reason == "error" else "server_error"}
+    def _choice_error(type_, message):
+        return {"message": message, "type": type_}
+
+    def _ended_error(reason, message):  # an engine step failed ("error") or shutdown / a disconnect ended it
+        return _choice_error("engine_error" if reason == "error" else "aborted", message)
 
     async def _collect(ticket: Ticket) -> dict:
         finals = {}
@@ -221,10 +224,10 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
             f = finals[ci]
             out = f["out"]
             if out is None:
-                text, reason, ids, lps, err = "", f["reason"], [], [], _choice_error(f["reason"], f["message"])
+                text, reason, ids, lps, err = "", f["reason"], [], [], _ended_error(f["reason"], f["message"])
             else:
                 text, reason, ids, lps = out.text, out.finish_reason, out.token_ids, out.logprobs or []
-                err = _choice_error("error", out.error) if out.finish_reason == "error" else None
+                err = _choice_error("sampler_error", out.error) if out.finish_reason == "error" else None
             completion_tokens += len(ids)
             c = {"index": ci}
             if kind == "chat":
@@ -293,7 +296,7 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
                     if out.finished:
                         extra = {}
                         if out.finish_reason == "error":
-                            extra["error"] = _choice_error("error", out.error)
+                            extra["error"] = _choice_error("sampler_error", out.error)
                         if job.return_token_ids:
                             extra["token_ids"] = list(ids)
                         open_.discard(ci)
@@ -303,7 +306,7 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
                 elif ev[0] == "ended":
                     for ci in sorted(open_):
                         yield chunk(ci, None if kind == "chat" else "", ev[1], None,
-                                    {"error": _choice_error(ev[1], ev[2])})
+                                    {"error": _ended_error(ev[1], ev[2])})
                     open_.clear()
                 elif ev[0] == "done":
                     open_.clear()

@@ -61,6 +61,7 @@ class Ticket:
         self.remaining = len(self.samples)
         self.cancelled = False  # set by abort() before the loop saw the job
         self.closed = False  # no more events will come
+        self.outbox: list = []
         self._aio = aio_loop
 
     @property
@@ -68,10 +69,15 @@ class Ticket:
         return len(self.samples)
 
     def put(self, event) -> None:
-        try:
-            self._aio.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
-            pass
+        self.outbox.append(event)  # sent by EngineLoop._flush, after the stats that reflect it are published
+
+    def send(self) -> None:
+        events, self.outbox = self.outbox, []
+        for event in events:
+            try:
+                self._aio.call_soon_threadsafe(self.queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+                return
 
 
 class EngineLoop:
@@ -95,6 +101,7 @@ class EngineLoop:
         self.dead: Optional[str] = None
         self.steps_failed = 0
         self._thread: Optional[threading.Thread] = None
+        self._to_send: list = []  # tickets with events in their outbox
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -153,11 +160,12 @@ class EngineLoop:
                         self._add(ticket)
                     else:
                         self._abort(ticket, "abort", "client disconnected")
+                    self._to_send.append(ticket)
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self._active:
                     self._end_all("abort", "server shutting down: the request was ended before it finished")
                 if self._stopping:
                     self._end_all("abort", "server stopped")
-                    self._publish()
+                    self._flush()
                     return
                 if self._active:
                     try:
@@ -169,9 +177,9 @@ class EngineLoop:
                         self._end_all("error", f"engine error: {type(exc).__name__}: {exc}")
                     else:
                         self._dispatch(outs)
-                    self._publish()
+                    self._flush()
                 else:
-                    self._publish()
+                    self._flush()
                     timeout = self.idle_wait_s
                     if self._drain_deadline is not None:
                         timeout = min(timeout, max(0.0, self._drain_deadline - time.monotonic()))
@@ -182,15 +190,26 @@ class EngineLoop:
             for ticket in list(self._active):
                 ticket.closed = True
                 ticket.put(("ended", "error", f"engine loop died: {self.dead}"))
+                ticket.send()
             while self._cmds:
                 _, ticket = self._cmds.popleft()
                 ticket.closed = True
                 ticket.put(("rejected", APIError(503, None, f"engine loop stopped: {self.dead}",
                                                  type="server_error")))
+                ticket.send()
 
     def _publish(self) -> None:
         with self._lock:
             self.metrics.set_engine_stats(self.engine.stats(), self._queued)
+
+    def _flush(self) -> None:
+        # stats first: a client that got its answer and then reads /metrics sees the engine state after it
+        self._publish()
+        for ticket in self._active:
+            ticket.send()
+        for ticket in self._to_send:
+            ticket.send()
+        self._to_send = []
 
     def _add(self, ticket: Ticket) -> None:
         with self._lock:
@@ -282,6 +301,7 @@ class EngineLoop:
                     self._active.pop(ticket, None)
                     ticket.closed = True
                     ticket.put(("done",))
+                    self._to_send.append(ticket)
 
     def _abort(self, ticket: Ticket, reason: str, message: str) -> None:
         if ticket not in self._active:
@@ -299,6 +319,7 @@ class EngineLoop:
         self._active.pop(ticket, None)
         ticket.closed = True
         ticket.put(("ended", reason, message))  # a handler may still be waiting (non-streamed, disconnected)
+        self._to_send.append(ticket)
 
     def _end_all(self, reason: str, message: str) -> None:
         for ticket in list(self._active):
