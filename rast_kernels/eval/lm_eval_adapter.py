@@ -8,9 +8,10 @@ with the same arguments::
         --model_args base=Qwen/Qwen2.5-32B,expert=my/rl-14b,expert_base=Qwen/Qwen2.5-14B,alpha=0.5 --tasks gsm8k
 
 Model args: ``base`` (required), ``expert`` and ``expert_base`` (both or neither: neither scores the base
-alone), ``alpha`` (default 1.0), ``dtype``, ``device`` (all three models on it; default the engine's choice),
+alone), ``alpha`` (default 1.0), ``dtype`` (default bfloat16 on CUDA, float32 on CPU), ``device`` (all three models; default the GPU if any),
 ``max_length`` (context limit, default the base config's ``max_position_embeddings`` capped at 4096),
-``max_gen_toks`` (default 256), ``max_batch_size`` (the engine's decode slots, default 8).
+``max_gen_toks`` (default 256), ``max_batch_size`` (the engine's decode slots, default 8). An unknown model arg
+is a ``ValueError`` naming it (a misspelt ``alpha`` would otherwise run alpha = 1).
 
 * ``generate_until`` goes through :class:`~rast_kernels.RastEngine` (all requests fed at once): greedy unless the
   task asks for ``do_sample`` / a ``temperature > 0``; ``until`` strings are the engine's stop strings. Prompts
@@ -54,8 +55,12 @@ class RastLM(LM):
     """lm-eval's ``LM`` over a RAST trio (module docstring)."""
 
     def __init__(self, base=None, expert=None, expert_base=None, alpha=1.0, dtype=None, device=None,
-                 max_length=None, max_gen_toks=256, max_batch_size=8, tokenizer=None, batch_size=None, **_):
+                 max_length=None, max_gen_toks=256, max_batch_size=8, tokenizer=None, batch_size=None, **unknown):
         super().__init__()
+        if unknown:  # a misspelt model arg (alhpa=0.5) must not silently run the default
+            raise ValueError(f"{', '.join(sorted(unknown))}: unknown model_args for 'rast' (known: base, expert, "
+                             "expert_base, alpha, dtype, device, max_length, max_gen_toks, max_batch_size)")
+        del batch_size  # lm-eval's batching knob: the engine batches continuously, full-sequence scores go one by one
         if base is None:
             raise ValueError("base: required (model_args base=PATH_OR_ID)")
         if (expert is None) != (expert_base is None):
@@ -64,10 +69,14 @@ class RastLM(LM):
             self.alpha = float(alpha)
         except (TypeError, ValueError):
             raise ValueError(f"alpha: expected a number, got {alpha!r}") from None
-        if device is not None and not str(device).startswith(("cpu", "cuda")):
-            device = None  # lm-eval passes its own default device string ("cuda") when none was asked for
-        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval may hand down its default "cuda" on a machine without one
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device_ = torch.device(device)
+        if dtype is None and self.device_.type == "cuda":
+            dtype = "bfloat16"  # the engine's CUDA default; on CPU a path loads in float32
+        if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
         self.specs = dict(base=base, expert=expert, expert_base=expert_base)
         self.models = {r: _load(s, dtype, device) for r, s in self.specs.items() if s is not None}
         for m in self.models.values():
@@ -157,7 +166,8 @@ class RastLM(LM):
 
             m = self.models
             self._engine = RastEngine(m["base"], m.get("expert"), m.get("expert_base"), tokenizer=self.tok,
-                                      max_batch_size=self.max_batch_size, max_seq_len=self.max_length)
+                                      devices=self.device_, max_batch_size=self.max_batch_size,
+                                      max_seq_len=self.max_length)
         return self._engine
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:

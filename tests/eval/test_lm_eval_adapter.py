@@ -90,3 +90,7 @@ def test_bad_model_args():
         RastLM(base=TRIO["base"], expert=TRIO["expert"])
     with pytest.raises(ValueError, match="alpha"):
         RastLM(base=TRIO["base"], alpha="strong")
+    with pytest.raises(ValueError, match="alhpa: unknown model_args"):
+        RastLM(base=TRIO["base"], alhpa=0.5)
+    with pytest.raises(ValueError, match="dtype"):
+        RastLM(base=TRIO["base"], dtype="fp8")
