@@ -214,8 +214,9 @@ class EngineLoop:
     def _add(self, ticket: Ticket) -> None:
         with self._lock:
             self._queued -= ticket.sequences
-        if ticket.cancelled:
+        if ticket.cancelled:  # its client left before the loop saw it: answer the handler, queue nothing
             ticket.closed = True
+            ticket.put(("rejected", APIError(400, None, "client disconnected before the request was queued")))
             return
         job, eng = ticket.job, self.engine
         tok = eng.tokenizer
