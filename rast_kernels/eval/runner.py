@@ -317,6 +317,7 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
                                             refresh=False)  # redrawn at tqdm's own pace, not per sample
                     feeder.top_up()
                 del engine, feeder
+                _release_memory()  # the next model set's engine sizes its KV pool from the memory left free
     finally:
         if bar is not None:
             bar.close()
@@ -329,6 +330,16 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
                           resumed_samples=done_now)
     write_outputs(out_dir, summary, configs, datasets, log)
     return summary
+
+
+def _release_memory():
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _sample_seed(seed, j):
