@@ -18,6 +18,9 @@
 #   tests      pytest on CUDA, tests/ops and tests/engine only (graph-vs-eager, Triton kernels natively; the
 #              rest runs on CPU in CI), with -n auto when pytest-xdist is importable; --maxfail=25 so one
 #              failure does not hide the others
+#   serving    benchmarks/bench_serving.py, Qwen2.5-7B + 2 x 1.5B, 96 long-tailed requests: the continuous paged
+#              engine against the static engine at equal KV memory, graph == eager is in the tests step;
+#              per-step time at B=8 (the static baseline from git is skipped there: no .git)  -> serving.json
 #   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1, 8, 32: the engine (fused decode),
 #              the engine with transformers' forward (decode kernel / SDPA), base alone, then the eager peer
 #              loop (the pre-project anchors measured it already, so it comes last) -> decode.json
@@ -48,7 +51,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
-STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests decode profile sampler attention"}
+STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests serving decode profile sampler attention"}
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 [ "$DRY_RUN" = 0 ] && DRY_RUN=""
 T0=$(date +%s)
@@ -167,7 +170,7 @@ PYEOF
 collect() {
     local f
     for f in "$WORK"/sampler.json "$WORK"/sampler.png "$WORK"/decode.json "$WORK"/decode_attention.json \
-        "$WORK"/profile/profile_*.json; do
+        "$WORK"/serving.json "$WORK"/profile/profile_*.json; do
         [ -f "$f" ] && cp "$f" "$OUT/"
     done
     return 0
@@ -228,6 +231,9 @@ main() {
     # shellcheck disable=SC2046
     # only the folders that exercise CUDA: the rest is CPU code that CI covers
     step tests 150 "$PY" -m pytest tests/ops tests/engine $(pytest_args)
+    step serving 110 "$PY" benchmarks/bench_serving.py --trio qwen --requests 96 --max-batch 32 --prompt-len 64 \
+        --mean-new 64 --max-new 448 --kv-tokens 4096 --step-batch 8 --systems decode_step continuous static --out "$WORK"
+    collect
     step decode 240 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
         --out "$WORK"
     collect
