@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new", type=int, default=512, help="longest output (and max_seq_len - prompt; default 512)")
     p.add_argument("--max-batch", type=int, default=16, help="decode slots of the engines (default 16)")
     p.add_argument("--kv-tokens", type=int, default=None,
-                   help="KV token slots per model for both engines (default: 4 static rows = 4 * max_seq_len)")
+                   help="KV token slots per model for both engines (default: 4 static rows of max_seq_len, in whole blocks)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--step-batch", type=int, default=4, help="fixed batch of the decode_step rows (default 4)")
     p.add_argument("--step-tokens", type=int, default=32, help="tokens timed in the decode_step rows (default 32)")
@@ -214,8 +214,9 @@ def run(args, checkpoint=None) -> dict:
         vocab = models.TOKENIZER_LEN[trio[0].config.model_type]
     tokenizer = models.placeholder_tokenizer(vocab)
     max_seq = args.prompt_len + args.max_new
-    kv_tokens = args.kv_tokens or 4 * max_seq
-    static_rows = min(args.max_batch, kv_tokens // (-(-max_seq // args.block_size) * args.block_size))
+    slab = -(-max_seq // args.block_size) * args.block_size  # a static row's KV slots (whole blocks)
+    kv_tokens = args.kv_tokens or 4 * slab
+    static_rows = min(args.max_batch, kv_tokens // slab)
     work = workload(args, vocab)
     result = {"benchmark": "serving", "date": utc_now(), "device": device_name(torch.device(args.device)),
               "versions": versions(), "models": names, "dtype": args.dtype, "requests": args.requests,
