@@ -141,6 +141,12 @@ def _plan(args):
                 else "--data"
             raise _Fail(option, msg.split(": ", 1)[1] if ": " in msg else msg)
 
+    if any(d.grader == "math" for d in datasets):
+        import importlib.util
+
+        if importlib.util.find_spec("math_verify") is None:
+            raise _Fail("--dataset", f"{next(d.name for d in datasets if d.grader == 'math')} is graded with "
+                                     "math-verify, which is not installed: pip install math-verify")
     if args.template is None:
         toy = {d.name == "toy" for d in datasets}
         if len(toy) > 1:

@@ -69,6 +69,17 @@ def test_out_with_other_settings_is_refused(no_models, capsys, tmp_path):
     assert err.count("\n") == 1 and "argument --out" in err and "other settings" in err, err
 
 
+def test_math_dataset_without_math_verify(no_models, monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    assert cli.main(["--base", "gpt2", "--base-only", "--dataset", "math500", "--data", data("math500.jsonl"),
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --dataset: math500 is graded with math-verify" in err, err
+
+
 def test_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rast_kernels.eval.cli", "--toy", "--n", "2", "--k", "3",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
