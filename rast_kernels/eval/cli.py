@@ -173,10 +173,11 @@ def _main(argv: Optional[List[str]]) -> int:
             out = _cli.output_dir(args.out)
         except argparse.ArgumentTypeError as exc:
             raise _Fail("--out", str(exc))
-        from .runner import check_resume
+        from .runner import check_resume, read_samples
 
         try:
             check_resume(out, settings)
+            read_samples(out)  # a damaged samples.jsonl is found now, not after the models are loaded
         except ValueError as exc:
             raise _Fail("--out", str(exc).split(": ", 1)[1])
         src = settings.models["base"] or settings.models["expert"]

@@ -140,9 +140,13 @@ def read_samples(out_dir: str) -> list:
         with open(path, "r+b") as f:
             f.truncate(end)
     out = []
-    for line in data[:end].decode("utf-8").splitlines():
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
         if line.strip():
-            out.append(json.loads(line))
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"out: {path}:{lineno} is not a sample record (not JSON); fix or delete that "
+                                 "line, or use another --out") from None
     return out
 
 
@@ -434,9 +438,20 @@ def plot_alpha(summary: dict, path: str) -> Optional[str]:
     return None
 
 
+def _json_safe(x):
+    # NaN (the s.e. of a single problem) is not JSON; null is
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_outputs(out_dir, summary, configs, datasets, log=print) -> None:
     with open(os.path.join(out_dir, SUMMARY), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(_json_safe(summary), f, indent=1, allow_nan=False)
     table = format_table(summary)
     with open(os.path.join(out_dir, TABLE), "w", encoding="utf-8") as f:
         f.write(table + "\n")

@@ -69,6 +69,15 @@ def test_out_with_other_settings_is_refused(no_models, capsys, tmp_path):
     assert err.count("\n") == 1 and "argument --out" in err and "other settings" in err, err
 
 
+def test_damaged_samples_file_is_refused(no_models, capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / runner.SAMPLES).write_text('{"dataset": "toy"}\n{oops\n{"dataset": "toy"}\n')
+    assert cli.main(["--toy", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --out" in err and "samples.jsonl:2 is not a sample record" in err, err
+
+
 def test_math_dataset_without_math_verify(no_models, monkeypatch, capsys, tmp_path):
     import importlib.util
 
