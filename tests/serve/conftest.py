@@ -1,14 +1,12 @@
 """Fixtures for the HTTP server tests: the main toy server (one subprocess for the session) and a reference engine
-in this process for token-for-token comparisons. Skipped without the serve extra."""
+in this process for token-for-token comparisons. The test modules that need the serve extra (FastAPI, uvicorn)
+skip themselves with pytest.importorskip when it is absent."""
 import os
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
-from rast_kernels.toy.common import DEFAULT_OUT, ROLES  # noqa: E402
-from serve_helpers import running_server  # noqa: E402
+from rast_kernels.toy.common import DEFAULT_OUT, ROLES
+from serve_helpers import running_server
 
 MAIN_ARGS = ("--max-batch-size", "16", "--max-seq-len", "512")
 

@@ -12,8 +12,11 @@ import time
 
 import pytest
 
-from rast_kernels import SamplingParams
-from serve_helpers import HOST, free_port, running_server, sse_events, toy_prompts
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from rast_kernels import SamplingParams  # noqa: E402
+from serve_helpers import HOST, free_port, running_server, sse_events, toy_prompts  # noqa: E402
 
 P = "Q0110100101101011="
 DEEP = 100_000
@@ -312,6 +315,19 @@ def test_cli_errors_are_one_line_exit_2(args, option, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and option in err and "Traceback" not in err, err
+
+
+def test_cli_without_the_serve_extra_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from rast_kernels.serve import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["--toy", "--port", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "pip install" in err and "fastapi" in err, err
 
 
 def test_cli_port_in_use_fails_before_loading():

@@ -6,8 +6,13 @@ import json
 import statistics
 import time
 
-from rast_kernels import SamplingParams
-from serve_helpers import sse_events, toy_prompts
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from rast_kernels import SamplingParams  # noqa: E402
+from serve_helpers import sse_events, toy_prompts  # noqa: E402
 
 CLIENTS, REQUESTS, MAX_TOKENS = 32, 192, 24
 

@@ -84,6 +84,7 @@ def test_histogram_and_metrics_text():
 
 
 def test_chat_without_a_template_is_400_naming_messages(ref_engine):
+    pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 

@@ -6,10 +6,13 @@ import math
 
 import pytest
 
-from rast_kernels import SamplingParams
-from rast_kernels.engine import sample_seed
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 
-from serve_helpers import sse_events, toy_prompts
+from rast_kernels import SamplingParams  # noqa: E402
+from rast_kernels.engine import sample_seed  # noqa: E402
+
+from serve_helpers import sse_events, toy_prompts  # noqa: E402
 
 
 def _ref(engine, prompt, **kw):
@@ -177,3 +180,18 @@ def test_openai_client(server, ref_engine):
     assert "temperature" in str(info.value)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt=prompt, max_tokens=4)
+
+
+def test_a_row_the_sampler_rejects_is_an_error_choice(server, ref_engine):
+    # alpha = 1e308 is a valid (finite) setting whose combined logits overflow: the sampler rejects the row
+    body = dict(prompt=toy_prompts(1, seed=12)[0], max_tokens=8, seed=1, alpha=1e308)
+    (ref,) = _ref(ref_engine, body["prompt"], max_new_tokens=8, seed=1, alpha=1e308)
+    assert ref.finish_reason == "error"
+    status, full = server.post("/v1/completions", body)
+    assert status == 200, full
+    (c,) = full["choices"]
+    assert c["finish_reason"] == "error" and c["error"] == {"message": ref.error, "type": "sampler_error"}
+    chunks = _stream(server, "/v1/completions", body)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "error"
+    assert chunks[-1]["choices"][0]["error"]["type"] == "sampler_error"
+    assert server.post("/v1/completions", dict(body, alpha=1.0))[1]["choices"][0]["finish_reason"] != "error"
