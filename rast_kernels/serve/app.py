@@ -21,7 +21,9 @@ SIGINT: stop accepting, let running requests finish for ``drain_timeout`` second
 import asyncio
 import contextlib
 import logging
+import math
 import signal
+import traceback
 import time
 import uuid
 from typing import Optional
@@ -107,6 +109,11 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
                              ("max_n", max_n, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    if isinstance(default_alpha, bool) or not isinstance(default_alpha, (int, float)) \
+            or not math.isfinite(default_alpha):
+        raise ValueError(f"default_alpha: expected a finite number, got {default_alpha!r}")
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name: expected a non-empty str, got {model_name!r}")
     if chat_template is not None and not isinstance(chat_template, str):
         raise TypeError(f"chat_template: expected a str, got {type(chat_template).__name__}")
     metrics = Metrics()
@@ -138,6 +145,13 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
     async def _http_error(request, exc):
         return _json_response({"error": {"message": str(exc.detail), "type": "invalid_request_error",
                                          "param": None, "code": None}}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc):  # a bug of ours, not the client's: say so in JSON, log it, keep serving
+        log.error("unhandled error on %s:\n%s", request.url.path,
+                  "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return _json_response({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+                                         "param": None, "code": None}}, 500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import signal
 import socket
 import sys
 
@@ -146,6 +147,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     """Entry point of ``python -m rast_kernels serve [options]``; returns the exit status."""
     ap, args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM while the models load: nothing is in flight yet, so a plain clean exit (serve() takes over after)
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(0))
     from ..engine import RastEngine
 
     devices = args.device
@@ -156,6 +159,11 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as exc:  # a model that will not load is the user's input too
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         ap.exit(2, f"{ap.prog}: error: could not build the engine: {msg}\n")
+    except KeyboardInterrupt:
+        print(f"{ap.prog}: interrupted while loading the models", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from .app import serve
 
     print(f"[serve] {engine!r}", file=sys.stderr, flush=True)
