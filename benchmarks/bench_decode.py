@@ -5,8 +5,9 @@ For a trio (base, expert, expert base) of random-init models built from the real
 and tokens/s for
 
 * ``engine``: ``rast_kernels.RastEngine(...).generate`` with its defaults (on CUDA: CUDA graph, the fused
-  decode forward with the decode-attention kernel). Its per-token time is ``(T(N) - T(1)) / (N - 1)`` from two
-  ``generate`` calls with N and 1 new tokens, so the prefill cancels;
+  decode forward with the paged decode-attention kernel). Its per-token time is the median duration of the
+  engine's steady-state ``step()`` calls divided by the decode steps each runs (its ``poll_interval``), the same
+  statistic as the peer loop's per-step median;
 * ``engine_hf_forward``: the same engine with ``fused_decode=False``: transformers' forward at decode, with the
   decode-attention kernel (``attn_implementation="rast_decode"``);
 * ``engine_sdpa``: ``fused_decode=False, attn_implementation="sdpa"``: transformers' forward with SDPA and a
@@ -121,34 +122,49 @@ class EngineRunner:
         self.engine = RastEngine(*trio, tokenizer=tokenizer, dtype=DTYPES[args.dtype], max_batch_size=max_batch,
                                  max_seq_len=max_seq_len, use_cuda_graph=not args.no_cuda_graph, **engine_kwargs)
 
-    def time_generate(self, prompts, n: int) -> float:
-        sync(self.args.device)
-        t = time.perf_counter()
+    def time_generate(self, prompts, n: int) -> tuple:
+        """``(wall seconds, [seconds of each engine.step()])`` of generating ``n`` tokens for every prompt."""
+        from rast_kernels import SamplingParams
+
+        engine = self.engine
         # random models can draw an EOS id by chance (about 1 in V per token): eos_token_id=[] disables
         # EOS stopping, so every row runs exactly n steps
-        outs = self.engine.generate(prompts, max_new_tokens=n, alpha=self.args.alpha, temperature=self.args.temperature,
-                                    top_p=self.args.top_p, seed=0, eos_token_id=[], progress=False)
+        params = SamplingParams(max_new_tokens=n, alpha=self.args.alpha, temperature=self.args.temperature,
+                                top_p=self.args.top_p, eos_token_id=[])
+        sync(self.args.device)
+        t = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.add_request(p, params.with_seed(i))
+        steps, lengths = [], set()
+        while engine.has_unfinished_requests():
+            t_step = time.perf_counter()
+            outs = engine.step()
+            steps.append(time.perf_counter() - t_step)
+            lengths |= {len(o.token_ids) for o in outs if o.finished}
         sync(self.args.device)
         elapsed = time.perf_counter() - t
-        lengths = {len(o.token_ids) for o in outs}
         if lengths != {n}:
-            reasons = sorted({o.finish_reason for o in outs})
-            raise RuntimeError(f"engine produced {sorted(lengths)} tokens per row, not {n} (finish reasons {reasons})")
-        return elapsed
+            raise RuntimeError(f"engine produced {sorted(lengths)} tokens per row, not {n}")
+        return elapsed, steps
 
 
 def time_engine(runner: EngineRunner, prompts, n: int, repeats: int) -> dict:
+    """ms per decode step: the median duration of the engine's steady-state ``step()`` calls (each runs
+    ``poll_interval`` decode steps; the first call admits and prefills, the last ones drain), the same statistic
+    as the peer loop's per-step median; and the first-token latency from a 1-token run."""
     runner.time_generate(prompts, min(n, 4))  # warm-up: graph capture for this batch size, allocator
-    t1s, tns = [], []
+    k = runner.engine.poll_interval
+    if n < 2 + 3 * k:
+        raise RuntimeError(f"--new-tokens {n}: need at least {2 + 3 * k} to time steady-state steps")
+    t1s, tns, per_step = [], [], []
     for _ in range(repeats):
-        t1s.append(runner.time_generate(prompts, 1))
-        tns.append(runner.time_generate(prompts, n))
-    t1, tn = statistics.median(t1s), statistics.median(tns)
-    if tn <= t1:
-        raise RuntimeError(f"T({n}) = {tn:.4f} s <= T(1) = {t1:.4f} s: timing noise exceeds the decode time; "
-                           "use more --new-tokens or --repeats")
-    return {"ms_per_token": (tn - t1) / (n - 1) * 1e3, "first_token_ms": t1 * 1e3, "e2e_s": tn,
-            "runs_e2e_s": tns, "runs_first_token_s": t1s}
+        t1s.append(runner.time_generate(prompts, 1)[0])
+        tn, steps = runner.time_generate(prompts, n)
+        tns.append(tn)
+        per_step += [s / k for s in steps[1:-2]]
+    return {"ms_per_token": statistics.median(per_step) * 1e3, "first_token_ms": statistics.median(t1s) * 1e3,
+            "e2e_s": statistics.median(tns), "runs_e2e_s": tns, "runs_first_token_s": t1s,
+            "steps_timed": len(per_step)}
 
 
 def time_peer(trio, prompts, n: int, repeats: int, args, vocab_size: int) -> dict:

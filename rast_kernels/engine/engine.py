@@ -362,7 +362,7 @@ class RastEngine:
             self.scheduler.add(req)
 
     def has_unfinished_requests(self) -> bool:
-        return any(not r.finished for r in self._requests.values())
+        return bool(self._requests)  # a request leaves the table when its last sample finishes
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now: its sequences finish with ``finish_reason="abort"``, their slots and blocks are free
@@ -379,7 +379,6 @@ class RastEngine:
                 self.scheduler.remove_waiting(seq)
             seq.finish_reason = "abort"
             self._finish(seq)
-        self._requests.pop(request_id, None)
 
     def stats(self) -> dict:
         """Counts for monitoring: requests running / waiting, KV blocks used / total, tokens generated."""
@@ -509,6 +508,8 @@ class RastEngine:
             seq.tokens = toks
         seq.final_text = text
         self.scheduler.finish(seq)
+        if seq.request.finished:
+            self._requests.pop(seq.request.request_id, None)
 
     def _output(self, seq: Sequence) -> GenerationOutput:
         req = seq.request
@@ -588,8 +589,6 @@ class RastEngine:
         finally:
             if bar is not None:
                 bar.close()
-        for r in reqs:
-            self._requests.pop(r.request_id, None)
         outs.sort(key=lambda o: (o.prompt_index, o.sample_index))
         return outs
 
@@ -623,7 +622,6 @@ class RastEngine:
         except BaseException:
             self.abort_request(rid)
             raise
-        self._requests.pop(rid, None)
         if final.startswith(emitted):
             if len(final) > len(emitted):
                 yield final[len(emitted):]
