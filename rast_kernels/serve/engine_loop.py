@@ -72,12 +72,31 @@ class Ticket:
         self.outbox.append(event)  # sent by EngineLoop._flush, after the stats that reflect it are published
 
     def send(self) -> None:
-        events, self.outbox = self.outbox, []
+        _send_all([self])
+
+    def _deliver(self, events) -> None:  # on the event loop
         for event in events:
-            try:
-                self._aio.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
-                return
+            self.queue.put_nowait(event)
+
+
+def _send_all(tickets) -> None:
+    """Hand the tickets' outboxes to their event loop in one wake-up per loop (not one per event: with many
+    streams, one per token each, the wake-ups alone cost the event loop a good share of its time)."""
+    batches: dict = {}
+    for t in tickets:
+        if t.outbox:
+            events, t.outbox = t.outbox, []
+            batches.setdefault(t._aio, []).append((t, events))
+    for aio, batch in batches.items():
+        try:
+            aio.call_soon_threadsafe(_deliver_batch, batch)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+            pass
+
+
+def _deliver_batch(batch) -> None:
+    for ticket, events in batch:
+        ticket._deliver(events)
 
 
 class EngineLoop:
@@ -205,10 +224,7 @@ class EngineLoop:
     def _flush(self) -> None:
         # stats first: a client that got its answer and then reads /metrics sees the engine state after it
         self._publish()
-        for ticket in self._active:
-            ticket.send()
-        for ticket in self._to_send:
-            ticket.send()
+        _send_all(list(self._active) + self._to_send)
         self._to_send = []
 
     def _add(self, ticket: Ticket) -> None:
