@@ -77,9 +77,9 @@ def _stream(server, path, body):
     return [json.loads(e) for e in events[:-1]]
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_stream_concatenates_to_the_full_text(server, n):
-    body = dict(prompt=toy_prompts(1, seed=77)[0], max_tokens=24, seed=4, n=n, temperature=1.2)
+@pytest.mark.parametrize("n, stop", [(1, None), (3, None), (3, ["4", "66"])])
+def test_stream_concatenates_to_the_full_text(server, n, stop):
+    body = dict(prompt=toy_prompts(1, seed=77)[0], max_tokens=24, seed=4, n=n, temperature=1.2, stop=stop)
     status, full = server.post("/v1/completions", body)
     assert status == 200
     chunks = _stream(server, "/v1/completions", dict(body, stream_options={"include_usage": True}))
@@ -195,3 +195,18 @@ def test_a_row_the_sampler_rejects_is_an_error_choice(server, ref_engine):
     assert chunks[-1]["choices"][0]["finish_reason"] == "error"
     assert chunks[-1]["choices"][0]["error"]["type"] == "sampler_error"
     assert server.post("/v1/completions", dict(body, alpha=1.0))[1]["choices"][0]["finish_reason"] != "error"
+
+
+def test_streamed_logprobs_match_the_full_response(server):
+    body = dict(prompt=toy_prompts(1, seed=13)[0], max_tokens=16, seed=8, logprobs=0, temperature=1.0)
+    status, full = server.post("/v1/completions", body)
+    assert status == 200
+    chunks = _stream(server, "/v1/completions", body)
+    toks, lps = [], []
+    for ch in chunks:
+        lp = ch["choices"][0]["logprobs"]
+        if lp is not None:
+            toks += lp["tokens"]
+            lps += lp["token_logprobs"]
+    assert toks == full["choices"][0]["logprobs"]["tokens"]
+    assert lps == full["choices"][0]["logprobs"]["token_logprobs"]
