@@ -32,7 +32,8 @@ def build_parser():
     m.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the one saved with the models)")
     m.add_argument("--chat-template", type=_cli.existing_file,
                    help="a Jinja chat template file for /v1/chat/completions (default: the tokenizer's)")
-    m.add_argument("--device", type=_cli.device, default=None, help="cpu, cuda or cuda:N (default: first GPU, else cpu)")
+    m.add_argument("--device", type=_cli.device, default=None,
+                   help="cpu, cuda or cuda:N (default: the first GPU, else cpu)")
     m.add_argument("--dtype", choices=_DTYPES, default=None,
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     m.add_argument("--model-name", default="rast", help="the name /v1/models lists and requests give (default rast)")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
 from ..engine.sampling_params import SamplingParams
