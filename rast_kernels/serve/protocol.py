@@ -338,6 +338,8 @@ def parse_request(body: dict, kind: str, limits: Limits) -> Job:
                 raise bad(key, f"expected a number, got {_json_type(v)}")
             if isinstance(v, int) and key not in ("top_k", "seed") and abs(v) > 2**53:
                 raise bad(key, f"out of range, got {v}")
+            if key == "top_k" and v > 2**31 - 1:  # SamplingParams takes any int; the engine's slot rows do not
+                raise bad(key, f"must be <= {2**31 - 1} (a value >= the vocabulary size keeps every token), got {v}")
             kwargs[key] = v
     try:
         params = SamplingParams(**kwargs)

@@ -52,6 +52,7 @@ BAD_BODIES = [
     (dict(prompt=P, min_p=2), "min_p"),
     (dict(prompt=P, top_k=-1), "top_k"),
     (dict(prompt=P, top_k=1.5), "top_k"),
+    (dict(prompt=P, top_k=10**20), "top_k"),  # SamplingParams accepts it; the engine's int64 slot rows do not
     (dict(prompt=P, alpha="a"), "alpha"),
     (dict(prompt=P, alpha=10**400), "alpha"),  # an integer no float can hold
     (dict(prompt=P, seed=2**70), "seed"),
@@ -339,3 +340,49 @@ def test_cli_port_in_use_fails_before_loading():
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--port" in r.stderr, r.stderr
     assert "Loading weights" not in r.stderr
+
+
+# ---------------------------------------------------------------- random hostile bodies
+FUZZ_VALUES = [None, True, False, 0, 1, -1, 2, 3.5, -0.0, 1e308, -1e308, 10**20, -(10**20), "", "x", "Q01=", [], [1],
+               [[1]], [[]], ["a", 1], {}, {"a": 1}, [None], "\u0000", [25], [24], [-1], 0.5, 64, 4]
+FUZZ_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "stream",
+               "stream_options", "alpha", "top_k", "min_p", "ignore_eos", "return_token_ids", "echo", "best_of", "user",
+               "model", "messages", "max_completion_tokens", "top_logprobs", "logit_bias", "suffix",
+               "presence_penalty"]
+
+
+def test_random_hostile_bodies_never_break_the_server(ref_engine):
+    """Valid bodies with 1-3 fields replaced by values of every JSON type: each answer is 200 or a JSON 400/404
+    naming its field, and no engine step fails (a value that passes validation but breaks the engine would)."""
+    pytest.importorskip("httpx")
+    import random
+
+    from fastapi.testclient import TestClient
+
+    from rast_kernels.serve import create_app
+
+    rng = random.Random(14)
+    app = create_app(ref_engine, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    codes = {}
+    # every field x every value once on a completion body, then random 1-3 field changes on both kinds
+    cases = [(False, [(f, v)]) for f in FUZZ_FIELDS for v in FUZZ_VALUES]
+    for _ in range(150):
+        cases.append((rng.random() < 0.5, [(rng.choice(FUZZ_FIELDS), rng.choice(FUZZ_VALUES))
+                                           for _ in range(rng.randint(1, 3))]))
+    with TestClient(app) as client:  # runs the lifespan: the engine loop thread serves the valid ones
+        for chat, changes in cases:
+            body = (dict(messages=[{"role": "user", "content": P}], max_tokens=3) if chat
+                    else dict(prompt=P, max_tokens=3))
+            for f, v in changes:
+                body[f] = v
+                if f in ("max_tokens", "max_completion_tokens", "n") and type(v) is int and v > 8:
+                    body[f] = 8  # keep the valid ones short
+            r = client.post("/v1/chat/completions" if chat else "/v1/completions", content=json.dumps(body))
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            assert r.status_code in (200, 400, 404), (body, r.text[:300])
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert err["param"] and err["message"].startswith(err["param"] + ":"), (body, err)
+        assert app.state.loop.steps_failed == 0
+        assert ref_engine.stats()["kv_blocks_used"] == 0
+    assert codes.get(200, 0) >= 5 and codes.get(400, 0) >= 100, codes  # both kinds really exercised
