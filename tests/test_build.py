@@ -106,7 +106,7 @@ def test_gpu_check_dry_run(tmp_path):
     for name in ("env", "install", "tests", "decode", "profile", "sampler", "attention"):
         assert f"{name:<10} rc=0    dry run" in summary, summary
     parsed = [line for line in summary.splitlines() if line.startswith("parse")]
-    assert len(parsed) == 4 and all(" rc=0 " in line for line in parsed), summary
+    assert len(parsed) == 5 and all(" rc=0 " in line for line in parsed), summary  # 5 benchmark scripts
 
 
 def test_gpu_check_dry_run_catches_typos(tmp_path):

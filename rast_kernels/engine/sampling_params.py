@@ -90,8 +90,8 @@ class SamplingParams:
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
         top_k = _number("top_k", self.top_k, integral=True)
-        if top_k < 0:
-            raise ValueError(f"top_k: must be >= 0, got {self.top_k!r}")
+        if not 0 <= top_k < 2**63:  # an int64 on the device; any k >= the vocabulary is "off"
+            raise ValueError(f"top_k: must be in [0, 2**63), got {self.top_k!r}")
         top_p = _number("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")

@@ -199,7 +199,8 @@ def test_bad_requests_fail_before_anything_runs(trio, tokenizer):
     cases = [
         (dict(n=0), ValueError, "n:"), (dict(n=1.5), TypeError, "n:"), (dict(top_p=0.0), ValueError, "top_p:"),
         (dict(temperature=-1.0), ValueError, "temperature:"), (dict(alpha=float("nan")), ValueError, "alpha:"),
-        (dict(top_k=-1), ValueError, "top_k:"), (dict(min_p=2.0), ValueError, "min_p:"),
+        (dict(top_k=-1), ValueError, "top_k:"), (dict(top_k=10**20), ValueError, "top_k:"),
+        (dict(min_p=2.0), ValueError, "min_p:"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens:"), (dict(stop=[""]), ValueError, "stop:"),
         (dict(stop=[3]), TypeError, "stop:"), (dict(eos_token_id=[-1]), ValueError, "eos_token_id:"),
         (dict(eos_token_id=[10**6]), ValueError, "eos_token_id:"), (dict(return_logprobs=1), TypeError,
