@@ -44,7 +44,7 @@ from ..ops.philox import mix_seed
 from .cache import BlockAllocator
 from .detokenize import IncrementalText, final_text
 from .device_step import DIAGNOSTICS, EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
-from .fused_decode import unsupported_reason
+from .fused_decode import onednn_linear_available, unsupported_reason
 from .loading import (ROLES, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
                       load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype)
 from .outputs import GenerationOutput
@@ -53,6 +53,7 @@ from .sampling_params import MAX_EOS_IDS, SamplingParams, sample_seed
 from .scheduler import FINISHED, RUNNING, Request, Scheduler, Sequence
 
 _GPU_RESERVE_BYTES = 1 << 30  # kept free beyond the KV pool on CUDA: activations, graphs, the sampler workspace
+CPU_FUSED_MIN_BYTES = 256 << 20  # weights from which the fused decode forward is the CPU default (_cpu_fused_pays_off)
 
 
 def _int_arg(name, value, low):
@@ -110,9 +111,12 @@ class RastEngine:
     fused_decode : bool or None
         Decode steps through :class:`~rast_kernels.engine.fused_decode.FusedDecoder` (the models' own weights,
         fused residual-add + RMSNorm, rotary + cache write, SiLU-mul and the paged decode-attention kernel). None
-        (default): on when the base model is on CUDA, Triton is importable and every model is a supported family
-        (Llama, Qwen2, Mistral); True requires it (``ValueError`` naming an unsupported model; on CPU it runs the
-        same math with PyTorch ops); False: transformers' forward over a gathered view of the blocks.
+        (default): on when every model is a supported family (Llama, Qwen2, Mistral) and, on CUDA, Triton is
+        importable; on CPU, when the models are float32 and weigh at least 256 MB together (there the decoder runs
+        its linear layers through oneDNN, which reads the weights about 1.7x faster than PyTorch's MKL ``linear``
+        on the development VM; for smaller models per-op overhead dominates and transformers' forward is faster).
+        True requires it (``ValueError`` naming an unsupported model; on CPU the other ops are PyTorch's);
+        False: transformers' forward over a gathered view of the blocks.
     overlap_models : bool
         Run the expert's and the expert base's decode forwards on their own CUDA streams (joined before the
         sampler). CUDA with all models on one device only; ignored otherwise. Default off until measured.
@@ -178,7 +182,8 @@ class RastEngine:
 
         reasons = {role: unsupported_reason(self.models[role]) for role in self.roles}
         if fused_decode is None:
-            fused_decode = self.device.type == "cuda" and _backends.has_triton() and not any(reasons.values())
+            fused_decode = not any(reasons.values()) and (
+                _backends.has_triton() if self.device.type == "cuda" else self._cpu_fused_pays_off())
         elif fused_decode:
             for role, why in reasons.items():
                 if why is not None:
@@ -224,6 +229,15 @@ class RastEngine:
     @pad_to_buckets.setter
     def pad_to_buckets(self, value: bool) -> None:
         self.runner.pad_to_buckets = bool(value)
+
+    def _cpu_fused_pays_off(self) -> bool:
+        """On CPU the fused forward (with oneDNN linears) wins where reading the weights dominates a step: float32
+        models of at least :data:`CPU_FUSED_MIN_BYTES` in all. Measured on the 2-core development VM
+        (``benchmarks/RESULTS.md``): Qwen2.5-1.5B + 2 x 0.5B 463 vs 752 ms per step at B=1; the 4 MB toy trio
+        5.1 vs 3.4 ms (per-op overhead dominates there)."""
+        params = [p for m in self.models.values() for p in m.parameters()]
+        return all(p.dtype == torch.float32 for p in params) and onednn_linear_available() and \
+            sum(p.numel() * p.element_size() for p in params) >= CPU_FUSED_MIN_BYTES
 
     def _default_pool_tokens(self, utilization: float) -> int:
         cap = self.max_batch_size * self.max_seq_len

@@ -41,6 +41,7 @@ not); others keep transformers' forward at decode.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -134,14 +135,25 @@ class FusedDecoder:
     fuse_projections : bool
         Concatenate the q/k/v and the gate/up weights (module docstring); this re-points the model's
         parameters to views of the concatenated tensors.
+    onednn : bool or None
+        Run the linear layers through oneDNN (:func:`onednn_linear`) instead of ``nn.functional.linear``. None
+        (default): on for float32 models on CPU when oneDNN is available. At decode a linear layer is a few
+        matrix-vector products; PyTorch's CPU ``linear`` goes to MKL, which on the AMD EPYC development VM reads
+        the weights at 13-17 GB/s for one row and 5-9 GB/s for four, against 23-30 and 17 GB/s through oneDNN
+        (``benchmarks/RESULTS.md``). Same dot products, another summation order (fp32 rounding noise).
     """
 
-    def __init__(self, model, backend: str = "auto", fuse_projections: bool = True):
+    def __init__(self, model, backend: str = "auto", fuse_projections: bool = True, onednn: Optional[bool] = None):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fused decode does not support this model: {reason}")
         self.model = model
         self.backend = backend
+        if onednn is None:
+            p = next(model.parameters())
+            onednn = p.device.type == "cpu" and p.dtype == torch.float32 and onednn_linear_available()
+        self.onednn = bool(onednn)
+        self.linear = onednn_linear if self.onednn else nn.functional.linear
         cfg = model.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -175,25 +187,50 @@ class FusedDecoder:
             d = attn.head_dim
             nq, nk = self.n_heads * d, self.n_kv_heads * d
             if self.qkv[i] is not None:
-                qkv = nn.functional.linear(x, *self.qkv[i])          # [b, nq + 2 nk]; q/k/v are row-strided views
+                qkv = self.linear(x, *self.qkv[i])                   # [b, nq + 2 nk]; q/k/v are row-strided views
                 q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
             else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                q, k, v = self._proj(attn.q_proj, x), self._proj(attn.k_proj, x), self._proj(attn.v_proj, x)
             q, k, v = q.view(b, self.n_heads, d), k.view(b, self.n_kv_heads, d), v.view(b, self.n_kv_heads, d)
             pool = cache.layers[i]
             k_pool, v_pool = pool.keys, pool.values                 # [num_blocks + 1, BS, H_kv, D]
             q = rope_cache_write(q, k, v, cos, sin, k_pool.view(-1, self.n_kv_heads, d),
                                  v_pool.view(-1, self.n_kv_heads, d), slot, backend=be)
             o = paged_decode_attention(q, k_pool, v_pool, block_table, lens, scale=attn.scaling, backend=be)
-            h = attn.o_proj(o.view(b, self.n_heads * d))
+            h = self._proj(attn.o_proj, o.view(b, self.n_heads * d))
             norm = layer.post_attention_layernorm
             x, residual = add_rms_norm(h, norm.weight, norm.variance_epsilon, residual, backend=be)
             if self.gate_up[i] is not None:
-                gu = nn.functional.linear(x, *self.gate_up[i])       # [b, 2 I]
+                gu = self.linear(x, *self.gate_up[i])                # [b, 2 I]
                 n_i = mlp.gate_proj.out_features
                 gate, up = gu[:, :n_i], gu[:, n_i:]
             else:
-                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            h = mlp.down_proj(silu_mul(gate, up, backend=be))
+                gate, up = self._proj(mlp.gate_proj, x), self._proj(mlp.up_proj, x)
+            h = self._proj(mlp.down_proj, silu_mul(gate, up, backend=be))
         x, _ = add_rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon, residual, backend=be)
-        return self.model.lm_head(x)
+        return self._proj(self.model.lm_head, x)
+
+    def _proj(self, module, x):
+        """A projection module on ``x``: plain ``nn.Linear`` through :attr:`linear`, anything else (quantized,
+        adapter-wrapped) as it is."""
+        if type(module) is nn.Linear:
+            return self.linear(x, module.weight, module.bias)
+        return module(x)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` through oneDNN (the op PyTorch's own CPU inference compiler uses), on the plain
+    ``[N, K]`` weight: no packed copy, no extra memory. CPU tensors."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available() -> bool:
+    """Whether :func:`onednn_linear` works in this PyTorch build (a private op: probed, not assumed)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        got = onednn_linear(torch.ones(2, 3), torch.ones(4, 3), torch.ones(4))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.equal(got, torch.full((2, 4), 4.0)))

@@ -33,8 +33,8 @@ def test_bitwise_equal_to_transformers_forward(family, dtype, tokenizer, monkeyp
                     fused_decode=False)
     fused = RastEngine(*models, tokenizer=tokenizer, max_seq_len=48, devices=CPU, fused_decode=True)
     assert hf.lanes[0].decoder is None and all(lane.decoder is not None for lane in fused.lanes)
-    for lane in fused.lanes:  # the modules' own GEMM shapes (a concatenated GEMM may round differently)
-        lane.decoder = FusedDecoder(lane.model, fuse_projections=False)
+    for lane in fused.lanes:  # the modules' own GEMMs (a concatenated or oneDNN GEMM may round differently)
+        lane.decoder = FusedDecoder(lane.model, fuse_projections=False, onednn=False)
     a, b = hf.generate(PROMPTS, **kw), fused.generate(PROMPTS, **kw)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert [o.logprobs for o in a] == [o.logprobs for o in b]
@@ -68,10 +68,20 @@ def test_triton_kernels_inside_the_decoder(tokenizer):
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
 
 
-def test_default_switch_and_unsupported_models(tokenizer):
+def test_default_switch_and_unsupported_models(tokenizer, monkeypatch):
+    import rast_kernels.engine.engine as engine_module
+    from rast_kernels.engine.fused_decode import onednn_linear_available
+
     models = _trio("qwen2", torch.float32)
     engine = RastEngine(*models, tokenizer=tokenizer, max_seq_len=32, devices=CPU)
-    assert engine.fused_decode is False  # default on CPU: transformers' forward (the fused path pays off on GPUs)
+    assert engine.fused_decode is False  # CPU default for small models: transformers' forward (per-op overhead)
+    monkeypatch.setattr(engine_module, "CPU_FUSED_MIN_BYTES", 1)  # as if the models weighed 256 MB or more
+    engine = RastEngine(*models, tokenizer=tokenizer, max_seq_len=32, devices=CPU)
+    assert engine.fused_decode is onednn_linear_available() and all(l.decoder.onednn for l in engine.lanes)
+    bf16 = RastEngine(*[m.to(torch.bfloat16) for m in _trio("qwen2", torch.float32)], tokenizer=tokenizer,
+                      max_seq_len=32, devices=CPU)
+    assert bf16.fused_decode is False  # oneDNN linears are the fp32 path
+    monkeypatch.undo()
     gelu = make_model("llama", WIDTHS["expert"], 7, hidden_act="gelu")
     assert "hidden_act" in unsupported_reason(gelu)
     with pytest.raises(ValueError, match=r"^expert: fused_decode=True does not support this model: hidden_act"):
@@ -161,3 +171,20 @@ def test_padding_rows_stay_inert(tokenizer):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     for x, y in zip(a, b):  # a GEMM over 4 rows may block differently from one over 3: last-bit differences
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def test_onednn_linear_matches_torch_linear():
+    """The decoder's CPU linear (oneDNN on the plain weight): the same products as nn.functional.linear up to fp32
+    summation order, with and without bias, odd shapes, 1..9 rows; the decoder uses it by default on CPU fp32."""
+    from rast_kernels.engine.fused_decode import onednn_linear, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 7, 5), (4, 300, 129), (9, 64, 1000)):
+        x, w, b = (torch.randn(*s, generator=gen) for s in ((m, k), (n, k), (n,)))
+        for bias in (None, b):
+            torch.testing.assert_close(onednn_linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
+                                       rtol=1e-5, atol=1e-5 * k ** 0.5)
+    model = _trio("qwen2", torch.float32)[0]
+    assert FusedDecoder(model).onednn and not FusedDecoder(model.to(torch.bfloat16)).onednn
