@@ -100,7 +100,10 @@ class _PagedLayer(CacheLayerMixin):
         if o.prefill:
             return key_states, value_states  # the prompt block; the 4-D mask hides the left padding
         idx = o.gather_index  # [b, L] slots of positions 0 .. L-1 (past a row's length: the scratch slot)
-        return k_flat[idx].transpose(1, 2), v_flat[idx].transpose(1, 2)  # [b, H_kv, L, D]
+        flat = idx.view(-1)  # index_select: about half the time of advanced indexing on CPU
+        n = idx.shape[1]
+        return (k_flat.index_select(0, flat).view(b, n, h, d).transpose(1, 2),   # [b, H_kv, L, D]
+                v_flat.index_select(0, flat).view(b, n, h, d).transpose(1, 2))
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs):
         return self.owner.mask_len, 0

@@ -304,7 +304,6 @@ class StepRunner:
     def _decode_step(self, b: int, gathered: int) -> None:
         """One lockstep decode step of rows ``[0, b)`` (module docstring: the invariants)."""
         st, bs = self.state, self.block_size
-        rows = self._rows[:b]
         active = ~st.done[:b]
         pos = st.pos[:b]
         blk = st.block_table[:b].gather(1, (pos // bs).clamp(max=self.max_blocks - 1).unsqueeze(1)).squeeze(1)
@@ -328,7 +327,7 @@ class StepRunner:
         for stream in self._streams:
             if stream is not None:
                 main.wait_stream(stream)  # join before the sampler reads the logits
-        self._sample_update(rows, logits, advance=True)
+        self._sample_update(slice(0, b), logits, advance=True)
 
     def _lane_step(self, lane: Lane, b: int, slot, lens, gidx, valid) -> torch.Tensor:
         """One model's decode forward for rows ``[0, b)``: ``[b, V]`` logits on the sampling device."""
@@ -351,39 +350,46 @@ class StepRunner:
             cache.write_slots = cache.gather_index = None
         return lg.to(self.device, non_blocking=True)
 
-    def _sample_update(self, rows: torch.Tensor, logits: list, advance: bool) -> None:
-        """Sample one token for each slot in ``rows`` (int64 device tensor) and do the bookkeeping (device only).
-        ``advance``: the sampled token is one position past ``pos`` (a decode step) rather than at ``pos``
-        (a prefill, whose host set ``pos`` to the context length)."""
+    def _sample_update(self, rows, logits: list, advance: bool) -> None:
+        """Sample one token for each slot in ``rows`` and do the bookkeeping (device only). ``rows``: a slice
+        ``[0, b)`` (a decode step: views, in-place writes) or an int64 device tensor of slots (a prefill).
+        ``advance``: the sampled token is one position past ``pos`` (a decode step) rather than at ``pos`` (a
+        prefill, whose host set ``pos`` to the context length)."""
         st = self.state
-        g = lambda t: t.index_select(0, rows)  # noqa: E731
         three = logits if len(logits) == 3 else logits * 3  # base alone: base + alpha * (base - base) == base
-        n_gen = g(st.n_gen)
-        tok, lp = rast_sample(*three, alpha=g(st.alpha), temperature=g(st.temperature), top_k=g(st.top_k),
-                              top_p=g(st.top_p), min_p=g(st.min_p), vocab_size=self.vocab_size, seed=g(st.seed),
-                              offset=n_gen, return_logprobs=True)
-        done = g(st.done)
+        n_gen = st.n_gen[rows]
+        tok, lp = rast_sample(*three, alpha=st.alpha[rows], temperature=st.temperature[rows], top_k=st.top_k[rows],
+                              top_p=st.top_p[rows], min_p=st.min_p[rows], vocab_size=self.vocab_size,
+                              seed=st.seed[rows], offset=n_gen, return_logprobs=True)
+        done = st.done[rows]
         active = ~done
         ok = tok >= 0
         good = active & ok
+        index = self._rows[rows] if isinstance(rows, slice) else rows
         col = torch.where(active, n_gen % RING, RING)  # inert rows write the scratch column
-        st.ring_tok.index_put_((rows, col), torch.where(active, tok, -1))
-        st.ring_lp.index_put_((rows, col), lp)
+        st.ring_tok.index_put_((index, col), torch.where(active, tok, -1))
+        st.ring_lp.index_put_((index, col), lp)
         if st.ring_diag is not None:
-            z = combined_logits(*three, g(st.alpha), self.vocab_size)
-            st.ring_diag.index_put_((rows, col), delta_diagnostics(three[0], z, g(st.temperature), tok, self.vocab_size))
+            z = combined_logits(*three, st.alpha[rows], self.vocab_size)
+            st.ring_diag.index_put_((index, col), delta_diagnostics(three[0], z, st.temperature[rows], tok,
+                                                                    self.vocab_size))
         n_new = n_gen + good.long()
-        eos = good & (tok.unsqueeze(1) == g(st.eos)).any(1)
-        length = good & ~eos & (n_new >= g(st.max_new))
+        eos = good & (tok.unsqueeze(1) == st.eos[rows]).any(1)
+        length = good & ~eos & (n_new >= st.max_new[rows])
         err = active & ~ok
-        finish = torch.where(err, ERROR, torch.where(eos, EOS, torch.where(length, LENGTH, g(st.finish))))
-        st.err_step.index_copy_(0, rows, torch.where(err, n_gen, g(st.err_step)))
-        st.finish.index_copy_(0, rows, finish)
-        st.done.index_copy_(0, rows, done | err | eos | length)
-        st.n_gen.index_copy_(0, rows, n_new)
-        st.tok.index_copy_(0, rows, torch.where(good, tok, g(st.tok)))
+        finish = torch.where(err, ERROR, torch.where(eos, EOS, torch.where(length, LENGTH, st.finish[rows])))
+        # every value is computed before the first write: with a slice, the reads above are views of these rows
+        new_err_step = torch.where(err, n_gen, st.err_step[rows])
+        new_tok = torch.where(good, tok, st.tok[rows])
+        new_pos = st.pos[rows] + good.long() if advance else None
+        new_done = done | err | eos | length
+        st.err_step[rows] = new_err_step
+        st.finish[rows] = finish
+        st.n_gen[rows] = n_new
+        st.tok[rows] = new_tok
+        st.done[rows] = new_done
         if advance:
-            st.pos.index_copy_(0, rows, g(st.pos) + good.long())
+            st.pos[rows] = new_pos
 
     # ------------------------------------------------------------------ graphs
     def _graph(self, b: int, gathered: int):

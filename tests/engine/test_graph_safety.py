@@ -77,7 +77,7 @@ def test_decode_step_has_no_host_reads(fused, tokenizer):
     with torch.no_grad(), mode:
         runner._decode_step(4, 64)  # a padded bucket: row 3 is an empty, inert slot
     assert (runner.state.n_gen[:3] == before[:3] + 1).all() and runner.state.n_gen[3] == before[3]
-    assert {"index_select", "index_copy_"} <= mode.seen  # the bookkeeping ran under the mode
+    assert {"index_put_", "where"} <= mode.seen  # the bookkeeping (ring writes, masks) ran under the mode
 
 
 def test_the_mode_catches_host_reads():
