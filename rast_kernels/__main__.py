@@ -1,7 +1,6 @@
 """Command line: python -m rast_kernels {info, demo, eval, serve} [options] | --version."""
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import platform
 import sys

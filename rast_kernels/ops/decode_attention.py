@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 
 from .. import _backends
-from ._checks import INDEX_DTYPES, require_float, require_like, require_tensors
+from ._checks import INDEX_DTYPES, attention_options, require_float, require_tensors
 
 _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 64
@@ -326,22 +325,7 @@ def decode_attention(
     """
     _check_inputs(q, k_cache, v_cache, start, end)
     batch, h_q, dim = q.shape
-    if scale is None:
-        scale = dim ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    elif not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: must be a finite number > 0, got {scale!r}")
-    scale = float(scale)
-    if num_splits is not None:
-        if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
-            raise TypeError(f"num_splits: expected an int or None, got {type(num_splits).__name__}")
-        if not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits: must be in [1, {_MAX_SPLITS}], got {num_splits}")
-        num_splits = int(num_splits)
-    if out is not None:
-        require_tensors(out=out)
-        require_like("out", out, q.shape, q.dtype, q.device)
+    scale, num_splits = attention_options(q, scale, num_splits, out, _MAX_SPLITS)
     backend = _backends.resolve_triton_or_torch(backend, q.device)
 
     if backend == "torch":

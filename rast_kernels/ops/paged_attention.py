@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 
 from .. import _backends
-from ._checks import INDEX_DTYPES, require_float, require_like, require_tensors
+from ._checks import INDEX_DTYPES, attention_options, require_float, require_tensors
 from .decode_attention import _LOG2E, _MAX_HEAD_DIM, _MAX_SPLITS, _block_n, _next_pow2, default_num_splits
 from .decode_attention import _kernels as _dense_kernels
 
@@ -310,22 +309,7 @@ def paged_decode_attention(
     """
     _check_inputs(q, k_pool, v_pool, block_table, seq_lens)
     batch, h_q, dim = q.shape
-    if scale is None:
-        scale = dim ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    elif not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: must be a finite number > 0, got {scale!r}")
-    scale = float(scale)
-    if num_splits is not None:
-        if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
-            raise TypeError(f"num_splits: expected an int or None, got {type(num_splits).__name__}")
-        if not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits: must be in [1, {_MAX_SPLITS}], got {num_splits}")
-        num_splits = int(num_splits)
-    if out is not None:
-        require_tensors(out=out)
-        require_like("out", out, q.shape, q.dtype, q.device)
+    scale, num_splits = attention_options(q, scale, num_splits, out, _MAX_SPLITS)
     backend = _backends.resolve_triton_or_torch(backend, q.device)
 
     if backend == "torch":
