@@ -112,6 +112,20 @@ def test_tiny_pool_waits_and_preempts_without_changing_tokens(trio, tokenizer, s
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
+def test_padding_rows_never_write_into_reused_blocks(trio, tokenizer, solo):
+    """Rows padded into a batch bucket (what the CUDA graphs run; forced here on CPU) are empty slots whose block
+    tables still name blocks that other sequences got since: they must write nowhere (the scratch slot)."""
+    reqs = [(PROMPTS[i % 5], SamplingParams(temperature=1.0, max_new_tokens=(4, 30, 9, 17, 25)[i % 5],
+                                            eos_token_id=[], seed=300 + i)) for i in range(12)]
+    want = [_solo_tokens(solo, p, s) for p, s in reqs]
+    engine = _engine(trio, tokenizer, max_batch_size=5, block_size=4, kv_cache_tokens=96)
+    engine.pad_to_buckets = True  # 3 running rows run as a bucket of 4, 5 as 8 (capped at 5): padding rows
+    ids = {engine.add_request(p, s): i for i, (p, s) in enumerate(reqs)}
+    got = {ids[o.request_id]: o.token_ids for o in engine.run()}
+    assert [got[i] for i in range(len(reqs))] == want
+    assert engine.allocator.num_used == 0
+
+
 def test_n_samples_equal_their_solo_reproduction(trio, tokenizer, solo):
     params = SamplingParams(temperature=1.0, top_k=30, max_new_tokens=9, eos_token_id=[], n=5, seed=123)
     engine = _engine(trio, tokenizer, max_batch_size=3, block_size=4)
