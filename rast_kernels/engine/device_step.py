@@ -288,10 +288,14 @@ class StepRunner:
 
     # ------------------------------------------------------------------ decode
     def decode(self, b: int, gathered: int, steps: int) -> None:
-        """Run ``steps`` decode steps for rows ``[0, b)`` (``gathered``: the cache length transformers' forward
-        reads, a :func:`kv_bucket`; ignored by the fused forward): graph replays on CUDA, else eager."""
+        """Run ``steps`` decode steps for rows ``[0, b)`` (``gathered``: a :func:`kv_bucket` covering every row's
+        cache in the window: transformers' forward reads that many positions, the eager fused forward that many
+        blocks of the table; captured fused steps read each row's own blocks, whatever the bucket): graph replays
+        on CUDA, else eager."""
         b = next(x for x in self.buckets if x >= b) if self.use_cuda_graph or self.pad_to_buckets else b
-        key = (b, 0 if self.fused else gathered)
+        # the fused forward's paged kernel needs no length bucket in a graph (it reads each row's own blocks);
+        # run eagerly, it gets the bucket too, so the PyTorch reference gathers only that many positions
+        key = (b, 0 if self.fused and self.use_cuda_graph else gathered)
         for lane in self.lanes:  # another engine sharing a model object may have switched its attention
             set_attn_implementation(lane.model, lane.attn, lane.role)
         graph = self._graph(*key) if self.use_cuda_graph else None
@@ -319,23 +323,25 @@ class StepRunner:
         main = torch.cuda.current_stream(self.device) if self.overlap_models else None
         for lane, stream in zip(self.lanes, self._streams):
             if stream is None:
-                logits.append(self._lane_step(lane, b, slot, lens, gidx, valid))
+                logits.append(self._lane_step(lane, b, gathered, slot, lens, gidx, valid))
             else:  # fork: the side stream sees this step's inputs (written on the main stream) first
                 stream.wait_stream(main)
                 with torch.cuda.stream(stream):
-                    logits.append(self._lane_step(lane, b, slot, lens, gidx, valid))
+                    logits.append(self._lane_step(lane, b, gathered, slot, lens, gidx, valid))
         for stream in self._streams:
             if stream is not None:
                 main.wait_stream(stream)  # join before the sampler reads the logits
         self._sample_update(slice(0, b), logits, advance=True)
 
-    def _lane_step(self, lane: Lane, b: int, slot, lens, gidx, valid) -> torch.Tensor:
-        """One model's decode forward for rows ``[0, b)``: ``[b, V]`` logits on the sampling device."""
+    def _lane_step(self, lane: Lane, b: int, gathered: int, slot, lens, gidx, valid) -> torch.Tensor:
+        """One model's decode forward for rows ``[0, b)``: ``[b, V]`` logits on the sampling device (``gathered``:
+        the cache length bucket, 0 for the whole block table)."""
         st, dev = self.state, lane.device
         move = (lambda t: t.to(dev, non_blocking=True)) if dev != self.device else (lambda t: t)
         ids, pos, slot, lens = move(st.tok[:b].unsqueeze(1)), move(st.pos[:b].unsqueeze(1)), move(slot), move(lens)
         if lane.decoder is not None:
-            lg = lane.decoder(ids, pos, lane.cache, slot, lens, move(st.block_table[:b]))
+            blocks = -(-gathered // self.block_size) if gathered else self.max_blocks  # 0: the whole table
+            lg = lane.decoder(ids, pos, lane.cache, slot, lens, move(st.block_table[:b, :blocks]))
         else:
             cache = lane.cache
             gidx, valid = move(gidx), move(valid)
