@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=_cli.int_range(1), default=None,
                    help="prompt tokens per row, >= 1 (default 256; 16 with --tiny)")
     p.add_argument("--new-tokens", type=_cli.int_range(2), default=None,
-                   help="tokens generated per row, >= 2 (default 128; 8 with --tiny)")
+                   help="tokens generated per row, >= 2 (default 128; 16 with --tiny)")
     p.add_argument("--peer-new-tokens", type=_cli.int_range(2), default=None,
                    help="tokens for the peer loop, >= 2 (default: --new-tokens)")
     p.add_argument("--repeats", type=_cli.int_range(1), default=None,
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
     args.batch = args.batch or ([1, 2] if tiny else [1, 8])
     args.prompt_len = args.prompt_len or (16 if tiny else 256)
-    args.new_tokens = args.new_tokens or (8 if tiny else 128)
+    args.new_tokens = args.new_tokens or (16 if tiny else 128)
     args.peer_new_tokens = args.peer_new_tokens or args.new_tokens
     args.repeats = args.repeats or (1 if tiny else 3)
     if args.max_seq_len is not None and args.max_seq_len < args.prompt_len + args.new_tokens:

@@ -206,9 +206,11 @@ class RastEngine:
         self.diagnostics = diagnostics
         self.scheduler = Scheduler(self.max_batch_size, self.allocator, self.max_seq_len, scheduling)
         # host polls: every `poll_interval` decode steps; with `defer_polls` a snapshot is read one window later
-        # (CUDA: the queue never drains). On CPU every step, read at once.
+        # (CUDA: the queue never drains). On CPU a snapshot is read at once; the 4-step window there keeps the
+        # host's per-poll work off the per-token time (measured on the tiny trio: 3.59 ms per step polling every
+        # step, 3.19 every 4, the static engine 3.11).
         on_cuda = self.device.type == "cuda"
-        self.poll_interval = 4 if on_cuda else 1
+        self.poll_interval = 4
         self.defer_polls = on_cuda
         self._pending = None
         self._requests: dict = {}

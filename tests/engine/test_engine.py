@@ -297,6 +297,8 @@ def test_state_fully_reset_between_calls(qwen_engine):
 def test_deferred_polling_gives_the_same_outputs(qwen_engine):
     """The CUDA host loop (poll every few steps, read each poll one poll later) exercised on the CPU:
     rows ending early by EOS or stop strings, and the rest, come out exactly as with per-step polls."""
+    defaults = qwen_engine.poll_interval, qwen_engine.defer_polls
+    qwen_engine.poll_interval, qwen_engine.defer_polls = 1, False  # the reference: every step, read at once
     prompts = PROMPTS + ["nine"]
     kw = dict(temperature=1.0, max_new_tokens=25, seed=[1, 2, 3, 4], return_logprobs=True)
     plain = qwen_engine.generate(prompts, eos_token_id=[], **kw)
@@ -312,7 +314,7 @@ def test_deferred_polling_gives_the_same_outputs(qwen_engine):
         got = qwen_engine.generate(prompts, **kw)
         got_eos = qwen_engine.generate(prompts, eos_token_id=[eos], **kw)
     finally:
-        qwen_engine.poll_interval, qwen_engine.defer_polls = 1, False
+        qwen_engine.poll_interval, qwen_engine.defer_polls = defaults
     for a, b in zip(got + got_eos, ref + ref_eos):
         assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == \
                (b.token_ids, b.text, b.finish_reason, b.stop_reason)
