@@ -4,6 +4,17 @@ Semantics (the spec every backend is tested against; see :mod:`.rast_sample_refe
 
 1. Combine in fp32: ``z = base + alpha * (expert - expert_base)`` over columns ``[0, vocab_size)``.
    A ``-inf`` in any of the three inputs at a column masks that column (``-inf - -inf`` is never formed).
+   With K expert pairs (``expert_logits`` and ``expert_base_logits`` sequences of K >= 1 tensors each):
+   ``z = base + S``, ``S = alpha_1 * (expert_1 - expert_base_1) + ... + alpha_K * (expert_K - expert_base_K)``,
+   every operation rounded to fp32 and the terms summed left to right in pair order (K = 1: the plain form,
+   bit for bit); a ``-inf`` in any of the ``2K + 1`` inputs masks the column. ``alpha`` is then one number for
+   every pair, K numbers, a ``[K]`` tensor, or a ``[B, K]`` tensor (per row and pair).
+   Base plausibility (``base_plausibility = bp``, ``0`` is off), applied to ``z`` right after the combination,
+   before temperature and the filters: a column whose probability under the base logits alone
+   (``softmax(base)`` at temperature 1 over ``[0, vocab_size)``) is below ``bp`` times the base's largest is
+   masked, i.e. column ``i`` is kept iff ``base_i - max_j base_j >= log(bp)``, evaluated in fp32 (``log`` of the
+   fp32 ``bp`` by ``torch.log``) so every backend keeps the same set; the base's argmax column is always
+   plausible. With ``bp > 0`` a NaN or ``+inf`` in ``base[:, :vocab_size]`` makes the row bad (rule 5).
 2. ``temperature == 0`` is greedy: the highest ``z`` wins, ties to the lowest id; filters and random
    numbers are then irrelevant and the logprob is 0. So is a temperature so small that ``max z / T``
    overflows fp32 (the ``T -> 0`` limit). Otherwise ``z' = z / temperature``.
@@ -21,8 +32,15 @@ Semantics (the spec every backend is tested against; see :mod:`.rast_sample_refe
    offset gives the same token whatever else is in the batch; with any seed, whatever the backend.
 5. A row whose combined logits hold NaN or ``+inf``, in which every column is masked, or whose
    per-row parameter tensor value is out of range (``temperature`` negative, NaN or ``+inf``, ``top_k``
-   negative, ``top_p`` outside ``(0, 1]``, ``min_p`` outside ``[0, 1]``) gets token ``-1`` and logprob
-   NaN; other rows are unaffected. Argument errors raise ``ValueError``/``TypeError`` naming the argument.
+   negative, ``top_p`` outside ``(0, 1]``, ``min_p`` or ``base_plausibility`` outside ``[0, 1]``) gets token
+   ``-1`` and logprob NaN; other rows are unaffected. (NaN/``+inf`` in ``z`` is judged before base
+   plausibility masks columns; "every column masked" after it.)
+
+Kernels: with one pair and ``base_plausibility`` 0 both kernels read the three inputs in one pass. With K > 1
+pairs or base plausibility on, the wrapper first folds everything into one fp32 pair with PyTorch ops
+(``expert = S`` with the masks as ``-inf`` and bad rows as NaN, ``expert_base = 0``, ``alpha = 1``: the kernel's
+``base + 1 * (S - 0)`` is exactly ``base + S``), so results are the spec's bit for bit, at the cost of one extra
+pass over the pairs. Argument errors raise ``ValueError``/``TypeError`` naming the argument.
 """
 from __future__ import annotations
 
@@ -36,7 +54,7 @@ import torch
 from .. import _backends
 from ._checks import require_float, require_like, require_tensors
 from .philox import row_seeds
-from .rast_sample_reference import rast_sample_reference
+from .rast_sample_reference import plausibility, rast_sample_reference
 
 Param = Union[float, int, torch.Tensor]
 _BACKENDS = ("auto", "triton", "cpp", "torch")
@@ -71,7 +89,7 @@ class _SamplerArgs:
 
 _PARAM_DTYPES = {
     "alpha": torch.float32, "temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32,
-    "top_k": torch.int64, "seed": torch.int64, "offset": torch.int64,
+    "top_k": torch.int64, "seed": torch.int64, "offset": torch.int64, "base_plausibility": torch.float32,
 }
 
 # host-side range checks for numbers; tensor values are checked per row inside the kernels (no host reads)
@@ -81,6 +99,7 @@ _NUMBER_CHECKS = {
     "top_k": (lambda v: v >= 0, ">= 0"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "base_plausibility": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: -(2**63) <= v < 2**63, "an int64"),
     "offset": (lambda v: -(2**63) <= v < 2**63, "an int64"),
 }
@@ -111,6 +130,10 @@ def _check_param(name: str, value, batch: int, device) -> Param:
 def _check_logits(base, expert, expert_base):
     named = {"base_logits": base, "expert_logits": expert, "expert_base_logits": expert_base}
     require_tensors(**named)
+    _check_logit_tensors(named, base)
+
+
+def _check_logit_tensors(named: dict, base):
     for name, t in named.items():
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor [B, V], got shape {tuple(t.shape)}")
@@ -125,6 +148,78 @@ def _check_logits(base, expert, expert_base):
             raise ValueError(f"{name}: has no columns")
 
 
+def _check_pairs(base, expert, expert_base):
+    """The list form: ``(experts, expert_bases)`` as lists of K >= 1 checked tensors."""
+    require_tensors(base_logits=base)
+    if not isinstance(expert, (list, tuple)):
+        raise TypeError(f"expert_base_logits: a sequence of tensors, so expert_logits must be one too, "
+                        f"got {type(expert).__name__}")
+    if not isinstance(expert_base, (list, tuple)):
+        raise TypeError(f"expert_base_logits: expected a sequence of {len(expert)} tensors like expert_logits, "
+                        f"got {type(expert_base).__name__}")
+    if len(expert) == 0:
+        raise ValueError("expert_logits: expected at least one tensor, got an empty sequence")
+    if len(expert_base) != len(expert):
+        raise ValueError(f"expert_base_logits: {len(expert_base)} tensors, expert_logits has {len(expert)}")
+    named = {"base_logits": base}
+    for label, seq in (("expert_logits", expert), ("expert_base_logits", expert_base)):
+        for i, t in enumerate(seq):
+            named[f"{label}: entry {i}"] = t
+    require_tensors(**named)
+    _check_logit_tensors(named, base)
+    return list(expert), list(expert_base)
+
+
+def _check_pair_alphas(alpha, num_pairs: int, batch: int, device) -> list:
+    """The list form's ``alpha``: one checked parameter per pair (a number or a ``[B]`` float32 tensor)."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.device != device:
+            raise ValueError(f"alpha: tensor is on {alpha.device}, the logits are on {device}")
+        if not (alpha.is_floating_point() or alpha.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"alpha: expected a floating-point tensor, got {alpha.dtype}")
+        a = alpha.to(torch.float32)
+        if a.shape == (num_pairs,):
+            return [a[i].expand(batch).contiguous() for i in range(num_pairs)]
+        if a.shape == (batch, num_pairs):
+            return [a[:, i].contiguous() for i in range(num_pairs)]
+        raise ValueError(f"alpha: expected a number, {num_pairs} numbers, or a tensor of shape [{num_pairs}] or "
+                         f"[{batch}, {num_pairs}], got shape {tuple(alpha.shape)}")
+    if isinstance(alpha, (list, tuple)):
+        if len(alpha) != num_pairs:
+            raise ValueError(f"alpha: expected {num_pairs} weights (one per pair), got {len(alpha)}")
+        return [_check_param("alpha", v, batch, device) if not isinstance(v, torch.Tensor) else
+                _bad_alpha_entry(v) for v in alpha]
+    return [_check_param("alpha", alpha, batch, device)] * num_pairs
+
+
+def _bad_alpha_entry(v):
+    raise TypeError(f"alpha: a sequence of weights holds numbers, got a {type(v).__name__}")
+
+
+def _combined_pair(base, experts, expert_bases, alphas, base_plausibility, vocab_size):
+    """The kernels' input for several pairs or base plausibility: one fp32 ``[B, V]`` "expert" ``S`` with alpha 1 and
+    a zero "expert base", so the kernel forms ``base + 1 * (S - 0) = base + S`` exactly (the spec's sum). ``S`` is
+    ``-inf`` where a pair masks the column or base plausibility drops it, NaN over a bad row."""
+    V = vocab_size
+    batch, device = base.shape[0], base.device
+    b = base[:, :V].float()
+    masked = b == -math.inf
+    s = None
+    for a, e, eb in zip(alphas, experts, expert_bases):
+        e, eb = e[:, :V].float(), eb[:, :V].float()
+        masked = masked | (e == -math.inf) | (eb == -math.inf)
+        a = a.unsqueeze(1) if isinstance(a, torch.Tensor) else torch.full((), a, dtype=torch.float32, device=device)
+        term = a * (e - eb)
+        s = term if s is None else s + term
+    z = torch.where(masked, torch.full_like(s, -math.inf), b + s)
+    keep, bad = plausibility(base, base_plausibility, V)
+    bad = bad | (torch.isnan(z) | (z == math.inf)).any(1)
+    s = torch.where(masked | ~keep, torch.full_like(s, -math.inf), s)
+    s = torch.where(bad.unsqueeze(1), torch.full_like(s, math.nan), s)
+    zero = torch.zeros(1, V, dtype=torch.float32, device=device).expand(batch, V)
+    return s, zero
+
+
 def rast_sample(
     base_logits: torch.Tensor,
     expert_logits: torch.Tensor,
@@ -135,6 +230,7 @@ def rast_sample(
     top_k: Param = 0,
     top_p: Param = 1.0,
     min_p: Param = 0.0,
+    base_plausibility: Param = 0.0,
     vocab_size: int | None = None,
     seed: Param = 0,
     offset: Param = 0,
@@ -142,7 +238,7 @@ def rast_sample(
     return_logprobs: bool = False,
     backend: str = "auto",
 ):
-    """Draw one token per row from ``base + alpha * (expert - expert_base)`` after temperature,
+    """Draw one token per row from ``base + alpha * (expert - expert_base)`` (or K such pairs) after temperature,
     top-k, top-p and min-p (module docstring: the exact semantics).
 
     Parameters
@@ -150,7 +246,15 @@ def rast_sample(
     base_logits, expert_logits, expert_base_logits : torch.Tensor
         ``[B, V_base]``, ``[B, V_expert]``, ``[B, V_expert_base]``; float32, bfloat16 or float16 (may
         differ); one device; last dim contiguous, any row stride. Widths may differ.
-    alpha, temperature, top_k, top_p, min_p, offset : number or torch.Tensor
+        ``expert_logits`` and ``expert_base_logits`` may instead be sequences (list/tuple) of K >= 1 such
+        tensors each (the same K): K expert pairs, ``z = base + sum_i alpha_i * (expert_i - expert_base_i)``.
+    alpha : number, sequence of numbers, or torch.Tensor
+        One pair: a number or a ``[B]`` tensor. K pairs: a number (every pair), K numbers, a ``[K]`` tensor
+        or a ``[B, K]`` tensor (per row and pair).
+    base_plausibility : number or torch.Tensor
+        In ``[0, 1]`` (``0``: off), or a ``[B]`` tensor: keep only columns whose base-only probability is at
+        least this times the base's largest (module docstring, rule 1).
+    temperature, top_k, top_p, min_p, offset : number or torch.Tensor
         Python numbers, or ``[B]`` tensors on the logits' device holding per-row values. Nothing is
         read back to the host, so the call can be captured in a CUDA graph; advance an ``offset``
         tensor in place between replays for fresh draws.
@@ -177,9 +281,14 @@ def rast_sample(
         Token ids int64 ``[B]`` in ``[0, vocab_size)`` or ``-1`` for a bad row; with
         ``return_logprobs`` also the fp32 ``[B]`` logprobs (NaN for a bad row).
     """
-    _check_logits(base_logits, expert_logits, expert_base_logits)
+    pairs_form = isinstance(expert_logits, (list, tuple)) or isinstance(expert_base_logits, (list, tuple))
+    if pairs_form:
+        experts, expert_bases = _check_pairs(base_logits, expert_logits, expert_base_logits)
+    else:
+        _check_logits(base_logits, expert_logits, expert_base_logits)
+        experts, expert_bases = [expert_logits], [expert_base_logits]
     batch, device = base_logits.shape[0], base_logits.device
-    widest_allowed = min(t.shape[1] for t in (base_logits, expert_logits, expert_base_logits))
+    widest_allowed = min(t.shape[1] for t in [base_logits, *experts, *expert_bases])
     if vocab_size is None:
         vocab_size = widest_allowed
     elif isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
@@ -187,11 +296,13 @@ def rast_sample(
     elif not 0 < vocab_size <= widest_allowed:
         raise ValueError(f"vocab_size: must be in [1, {widest_allowed}] (the narrowest logits width), got {vocab_size}")
     vocab_size = int(vocab_size)
+    alphas = _check_pair_alphas(alpha, len(experts), batch, device) if pairs_form else None
     params = _SamplerArgs(**{
         name: _check_param(name, value, batch, device)
-        for name, value in dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, seed=seed, offset=offset).items()
+        for name, value in dict(alpha=alphas[0] if pairs_form else alpha, temperature=temperature, top_k=top_k,
+                                top_p=top_p, min_p=min_p, seed=seed, offset=offset).items()
     })
+    base_plausibility = _check_param("base_plausibility", base_plausibility, batch, device)
     if out is not None:
         require_tensors(out=out)
         require_like("out", out, (batch,), torch.int64, device)
@@ -206,9 +317,22 @@ def rast_sample(
 
     tokens = out if out is not None else torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
+    expert_logits, expert_base_logits = experts[0], expert_bases[0]  # K = 1: the plain form, bit for bit
+    if len(experts) > 1 or isinstance(base_plausibility, torch.Tensor) or base_plausibility > 0:
+        if backend == "torch":
+            if len(experts) > 1:
+                expert_logits, expert_base_logits = experts, expert_bases
+                params.alpha = torch.stack([a if isinstance(a, torch.Tensor) else
+                                            torch.full((batch,), a, dtype=torch.float32, device=device)
+                                            for a in alphas], 1)
+        else:
+            expert_logits, expert_base_logits = _combined_pair(
+                base_logits, experts, expert_bases, alphas or [params.alpha], base_plausibility, vocab_size)
+            params.alpha = 1.0
     if backend == "torch":
         t, lp = rast_sample_reference(base_logits, expert_logits, expert_base_logits, vocab_size=vocab_size,
-                                      return_logprobs=True, **params.as_dict())
+                                      base_plausibility=base_plausibility, return_logprobs=True,
+                                      **params.as_dict())
         tokens.copy_(t)
         if logprobs is not None:
             logprobs.copy_(lp)
