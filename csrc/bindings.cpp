@@ -24,6 +24,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("vocab_size"), py::arg("out"), py::arg("logprobs") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 
+  m.def("rast_sample_pairs_cpu", &rast_kernels::rast_sample_pairs_cpu,
+        "RAST sampling step on CPU tensors with K >= 1 expert pairs and base plausibility, into out.\n"
+        "base: [B, V_b]; experts, expert_bases: lists of K [B, V_*] float32/bfloat16/float16 tensors;\n"
+        "alpha: float32 [B, K]; base_plausibility, log_base_plausibility (its fp32 torch.log): float32 [B];\n"
+        "the rest as rast_sample_cpu. Semantics: rast_kernels.ops.rast_sample.",
+        py::arg("base"), py::arg("experts"), py::arg("expert_bases"), py::arg("alpha"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("base_plausibility"),
+        py::arg("log_base_plausibility"), py::arg("seed"), py::arg("offset"), py::arg("vocab_size"),
+        py::arg("out"), py::arg("logprobs") = py::none(), py::call_guard<py::gil_scoped_release>());
+
   m.def("philox_words_cpu", &rast_kernels::philox_words_cpu,
         "Philox4x32-10 words (int64 in [0, 2^32)) [B, num_columns] for CPU int64 seed[B], offset[B],\n"
         "same layout as rast_kernels.ops.philox.random_words.",

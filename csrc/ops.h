@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace rast_kernels {
 
@@ -24,6 +25,16 @@ void rast_sample_cpu(const at::Tensor& base, const at::Tensor& expert, const at:
                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
                      const at::Tensor& offset, int64_t vocab_size, at::Tensor& out,
                      const std::optional<at::Tensor>& logprobs);
+
+// CPU kernel of rast_sample with K >= 1 expert pairs and base plausibility (see rast_sample.cpp):
+// experts[k], expert_bases[k] as above; alpha: contiguous float32 [B, K]; base_plausibility and
+// log_base_plausibility (its fp32 torch.log): float32 [B]; the rest as rast_sample_cpu.
+void rast_sample_pairs_cpu(const at::Tensor& base, const std::vector<at::Tensor>& experts,
+                           const std::vector<at::Tensor>& expert_bases, const at::Tensor& alpha,
+                           const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                           const at::Tensor& min_p, const at::Tensor& base_plausibility,
+                           const at::Tensor& log_base_plausibility, const at::Tensor& seed, const at::Tensor& offset,
+                           int64_t vocab_size, at::Tensor& out, const std::optional<at::Tensor>& logprobs);
 
 // Philox4x32-10 words (int64 in [0, 2^32)) [B, num_columns] for rows keyed by int64 seed[B], offset[B]
 // (the layout of rast_kernels.ops.philox.random_words); exposed so tests can check the generator bit for bit.

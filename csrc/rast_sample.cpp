@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 
 #include <sstream>
+#include <vector>
 
 namespace rast_kernels {
 namespace {
@@ -106,6 +107,87 @@ void rast_sample_cpu(const at::Tensor& base, const at::Tensor& expert, const at:
       const cpu::RowInput in{pb + r * sb, pe + r * se, peb + r * seb, tb, te, teb, vocab_size};
       const cpu::RowParams prm{a[r], t[r], p[r], m[r], k[r], s[r], o[r]};
       const cpu::RowResult res = cpu::sample_row(in, prm, lp != nullptr, ws);
+      tok[r * tok_stride] = res.token;
+      if (lp) lp[r * lp_stride] = res.logprob;
+    }
+  });
+}
+
+void rast_sample_pairs_cpu(const at::Tensor& base, const std::vector<at::Tensor>& experts,
+                           const std::vector<at::Tensor>& expert_bases, const at::Tensor& alpha,
+                           const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                           const at::Tensor& min_p, const at::Tensor& base_plausibility,
+                           const at::Tensor& log_base_plausibility, const at::Tensor& seed, const at::Tensor& offset,
+                           int64_t vocab_size, at::Tensor& out, const std::optional<at::Tensor>& logprobs) {
+  if (base.dim() != 2) throw std::invalid_argument("base_logits: expected a 2-D tensor [B, V], got " + describe(base));
+  const int64_t batch = base.size(0);
+  const int64_t num_pairs = static_cast<int64_t>(experts.size());
+  if (num_pairs < 1) throw std::invalid_argument("expert_logits: expected at least one tensor");
+  if (static_cast<int64_t>(expert_bases.size()) != num_pairs)
+    throw std::invalid_argument("expert_base_logits: " + std::to_string(expert_bases.size()) +
+                                " tensors, expert_logits has " + std::to_string(num_pairs));
+  if (vocab_size < 1) throw std::invalid_argument("vocab_size: must be >= 1, got " + std::to_string(vocab_size));
+  check_logits("base_logits", base, batch, vocab_size);
+  for (int64_t k = 0; k < num_pairs; ++k) {
+    check_logits("expert_logits", experts[k], batch, vocab_size);
+    check_logits("expert_base_logits", expert_bases[k], batch, vocab_size);
+  }
+  if (!alpha.device().is_cpu() || alpha.scalar_type() != at::kFloat || alpha.dim() != 2 || alpha.size(0) != batch ||
+      alpha.size(1) != num_pairs || !alpha.is_contiguous())
+    throw std::invalid_argument("alpha: expected a contiguous CPU float32 tensor [" + std::to_string(batch) + ", " +
+                                std::to_string(num_pairs) + "], got " + describe(alpha));
+  check_vector("temperature", temperature, batch, at::kFloat, true);
+  check_vector("top_k", top_k, batch, at::kLong, true);
+  check_vector("top_p", top_p, batch, at::kFloat, true);
+  check_vector("min_p", min_p, batch, at::kFloat, true);
+  check_vector("base_plausibility", base_plausibility, batch, at::kFloat, true);
+  check_vector("log_base_plausibility", log_base_plausibility, batch, at::kFloat, true);
+  check_vector("seed", seed, batch, at::kLong, true);
+  check_vector("offset", offset, batch, at::kLong, true);
+  check_vector("out", out, batch, at::kLong, false);
+  if (logprobs.has_value()) check_vector("logprobs", *logprobs, batch, at::kFloat, false);
+  if (batch == 0) return;
+
+  struct Pair {
+    const char *e, *eb;
+    int64_t se, seb;
+    cpu::DType te, teb;
+  };
+  std::vector<Pair> pairs;
+  for (int64_t k = 0; k < num_pairs; ++k) {
+    const at::Tensor &e = experts[k], &eb = expert_bases[k];
+    pairs.push_back(Pair{static_cast<const char*>(e.data_ptr()), static_cast<const char*>(eb.data_ptr()),
+                         e.stride(0) * e.element_size(), eb.stride(0) * eb.element_size(),
+                         logits_dtype("expert_logits", e), logits_dtype("expert_base_logits", eb)});
+  }
+  const cpu::DType tb = logits_dtype("base_logits", base);
+  const auto* pb = static_cast<const char*>(base.data_ptr());
+  const int64_t sb = base.stride(0) * base.element_size();
+  const float* a = alpha.data_ptr<float>();
+  const float* t = temperature.data_ptr<float>();
+  const float* p = top_p.data_ptr<float>();
+  const float* m = min_p.data_ptr<float>();
+  const float* bp = base_plausibility.data_ptr<float>();
+  const float* lbp = log_base_plausibility.data_ptr<float>();
+  const int64_t* k = top_k.data_ptr<int64_t>();
+  const int64_t* s = seed.data_ptr<int64_t>();
+  const int64_t* o = offset.data_ptr<int64_t>();
+  int64_t* tok = out.data_ptr<int64_t>();
+  const int64_t tok_stride = out.stride(0);
+  float* lp = logprobs.has_value() ? logprobs->data_ptr<float>() : nullptr;
+  const int64_t lp_stride = lp ? logprobs->stride(0) : 0;
+
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    cpu::Workspace ws;
+    std::vector<cpu::PairInput> row_pairs(static_cast<size_t>(num_pairs));
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = 0; j < num_pairs; ++j) {
+        const Pair& q = pairs[j];
+        row_pairs[j] = cpu::PairInput{q.e + r * q.se, q.eb + r * q.seb, q.te, q.teb, a[r * num_pairs + j]};
+      }
+      const cpu::RowParams prm{a[r * num_pairs], t[r], p[r], m[r], k[r], s[r], o[r]};
+      const cpu::RowResult res = cpu::sample_row_pairs(pb + r * sb, tb, row_pairs.data(), static_cast<int>(num_pairs),
+                                                       vocab_size, prm, bp[r], lbp[r], lp != nullptr, ws);
       tok[r * tok_stride] = res.token;
       if (lp) lp[r * lp_stride] = res.logprob;
     }

@@ -341,15 +341,82 @@ inline float top_p_threshold(const float* z, int64_t n, float zmax, float tau, f
   return walk_sorted(*cur, cum);
 }
 
+// Sample one row whose combined logits z (n columns) are in ws.z, parameters already checked.
+inline RowResult sample_combined(int64_t n, const RowParams& prm, bool want_logprob, Workspace& ws);
+
 // Sample one row (vocab_size columns of the three inputs); the row's scratch lives in ws.
 inline RowResult sample_row(const RowInput& in, const RowParams& prm, bool want_logprob, Workspace& ws) {
   const RowResult bad{-1, std::numeric_limits<float>::quiet_NaN()};
   if (!params_valid(prm)) return bad;
   const int64_t n = in.vocab_size;
   ws.z.resize(static_cast<size_t>(n));
-  float* z = ws.z.data();
-  combine_any(in, prm.alpha, z);
+  combine_any(in, prm.alpha, ws.z.data());
+  return sample_combined(n, prm, want_logprob, ws);
+}
 
+// ---------------------------------------------------------------- K expert pairs, base plausibility
+inline float load_any(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kBFloat16: return BF16::load(static_cast<const uint16_t*>(p)[i]);
+    case DType::kFloat16: return F16::load(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+struct PairInput {
+  const void* expert;
+  const void* expert_base;
+  DType expert_dtype, expert_base_dtype;
+  float alpha;
+};
+
+// Sample one row of z = base + S, S = alpha_1 (e_1 - eb_1) + ... + alpha_K (e_K - eb_K) (fp32, left to right,
+// K >= 1; -inf where any input is -inf), then base plausibility (bp in [0, 1], 0 off; log_bp = fp32 log(bp) as
+// computed by the caller): column i is masked unless base_i - max base >= log_bp. One pass over the 2K + 1 inputs
+// (the pairs loop inside the column loop); with bp > 0 one more pass over base first for its max.
+inline RowResult sample_row_pairs(const void* base, DType base_dtype, const PairInput* pairs, int num_pairs,
+                                  int64_t n, const RowParams& prm, float bp, float log_bp, bool want_logprob,
+                                  Workspace& ws) {
+  const RowResult bad{-1, std::numeric_limits<float>::quiet_NaN()};
+  if (!params_valid(prm) || !(bp >= 0.0f && bp <= 1.0f)) return bad;
+  const bool plaus = bp > 0.0f;
+  float bmax = -kInf;
+  if (plaus) {
+    bool nonfinite = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = load_any(base, base_dtype, i);
+      nonfinite |= !(v < kInf);
+      bmax = v > bmax ? v : bmax;
+    }
+    if (nonfinite) return bad;
+  }
+  ws.z.resize(static_cast<size_t>(n));
+  float* z = ws.z.data();
+  bool nonfinite = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float vb = load_any(base, base_dtype, i);
+    bool masked = vb == -kInf;
+    float s = 0.0f;
+    for (int k = 0; k < num_pairs; ++k) {
+      const PairInput& q = pairs[k];
+      const float ve = load_any(q.expert, q.expert_dtype, i), veb = load_any(q.expert_base, q.expert_base_dtype, i);
+      masked |= (ve == -kInf) | (veb == -kInf);
+      const float d = ve - veb;
+      const float term = q.alpha * d;
+      s = k == 0 ? term : s + term;
+    }
+    const float v = vb + s;
+    nonfinite |= !masked && !(v < kInf);  // NaN or +inf in the combination, judged before plausibility
+    const bool implausible = plaus && !(vb - bmax >= log_bp);
+    z[i] = masked || implausible ? -kInf : v;
+  }
+  if (nonfinite) return bad;
+  return sample_combined(n, prm, want_logprob, ws);
+}
+
+inline RowResult sample_combined(int64_t n, const RowParams& prm, bool want_logprob, Workspace& ws) {
+  const RowResult bad{-1, std::numeric_limits<float>::quiet_NaN()};
+  float* z = ws.z.data();
   // bad row (NaN or +inf anywhere, or nothing unmasked); the first maximum is the greedy token
   bool nonfinite = false;
   float zmax = -kInf;

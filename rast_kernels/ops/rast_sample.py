@@ -36,11 +36,12 @@ Semantics (the spec every backend is tested against; see :mod:`.rast_sample_refe
    ``-1`` and logprob NaN; other rows are unaffected. (NaN/``+inf`` in ``z`` is judged before base
    plausibility masks columns; "every column masked" after it.)
 
-Kernels: with one pair and ``base_plausibility`` 0 both kernels read the three inputs in one pass. With K > 1
-pairs or base plausibility on, the wrapper first folds everything into one fp32 pair with PyTorch ops
-(``expert = S`` with the masks as ``-inf`` and bad rows as NaN, ``expert_base = 0``, ``alpha = 1``: the kernel's
-``base + 1 * (S - 0)`` is exactly ``base + S``), so results are the spec's bit for bit, at the cost of one extra
-pass over the pairs. Argument errors raise ``ValueError``/``TypeError`` naming the argument.
+Kernels: both read the ``2K + 1`` inputs in one pass (the pairs loop inside the column loop). The C++ kernel takes
+any K; the Triton chunk kernel up to ``MAX_PAIRS = 4`` (constexpr): beyond that the wrapper first folds the K
+pairs into one fp32 pair with PyTorch ops (``expert = S`` with the pairs' masks as ``-inf``, ``expert_base = 0``,
+``alpha = 1``: the kernel's ``base + 1 * (S - 0)`` is exactly ``base + S``), the same tokens at the cost of one
+extra pass. Base plausibility needs each row's base max before the mask: the C++ kernel makes one more pass
+over base for it, the Triton wrapper a PyTorch reduction over base (no host read).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ import torch
 from .. import _backends
 from ._checks import require_float, require_like, require_tensors
 from .philox import row_seeds
-from .rast_sample_reference import plausibility, rast_sample_reference
+from .rast_sample_reference import rast_sample_reference
 
 Param = Union[float, int, torch.Tensor]
 _BACKENDS = ("auto", "triton", "cpp", "torch")
@@ -196,14 +197,13 @@ def _bad_alpha_entry(v):
     raise TypeError(f"alpha: a sequence of weights holds numbers, got a {type(v).__name__}")
 
 
-def _combined_pair(base, experts, expert_bases, alphas, base_plausibility, vocab_size):
-    """The kernels' input for several pairs or base plausibility: one fp32 ``[B, V]`` "expert" ``S`` with alpha 1 and
-    a zero "expert base", so the kernel forms ``base + 1 * (S - 0) = base + S`` exactly (the spec's sum). ``S`` is
-    ``-inf`` where a pair masks the column or base plausibility drops it, NaN over a bad row."""
+def _folded_pair(base, experts, expert_bases, alphas, vocab_size):
+    """K pairs folded into one for a kernel: an fp32 ``[B, V]`` "expert" ``S`` (the spec's sum, ``-inf`` where a pair
+    masks the column) with a zero "expert base" and alpha 1, so the kernel forms ``base + 1 * (S - 0) = base + S``
+    exactly (``-inf`` in base is still masked by the kernel, NaN / ``+inf`` in ``S`` still make the row bad)."""
     V = vocab_size
     batch, device = base.shape[0], base.device
-    b = base[:, :V].float()
-    masked = b == -math.inf
+    masked = torch.zeros(batch, V, dtype=torch.bool, device=device)
     s = None
     for a, e, eb in zip(alphas, experts, expert_bases):
         e, eb = e[:, :V].float(), eb[:, :V].float()
@@ -211,11 +211,7 @@ def _combined_pair(base, experts, expert_bases, alphas, base_plausibility, vocab
         a = a.unsqueeze(1) if isinstance(a, torch.Tensor) else torch.full((), a, dtype=torch.float32, device=device)
         term = a * (e - eb)
         s = term if s is None else s + term
-    z = torch.where(masked, torch.full_like(s, -math.inf), b + s)
-    keep, bad = plausibility(base, base_plausibility, V)
-    bad = bad | (torch.isnan(z) | (z == math.inf)).any(1)
-    s = torch.where(masked | ~keep, torch.full_like(s, -math.inf), s)
-    s = torch.where(bad.unsqueeze(1), torch.full_like(s, math.nan), s)
+    s = torch.where(masked, torch.full_like(s, -math.inf), s)
     zero = torch.zeros(1, V, dtype=torch.float32, device=device).expand(batch, V)
     return s, zero
 
@@ -319,16 +315,38 @@ def rast_sample(
     logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
     expert_logits, expert_base_logits = experts[0], expert_bases[0]  # K = 1: the plain form, bit for bit
     if len(experts) > 1 or isinstance(base_plausibility, torch.Tensor) or base_plausibility > 0:
-        if backend == "torch":
-            if len(experts) > 1:
-                expert_logits, expert_base_logits = experts, expert_bases
-                params.alpha = torch.stack([a if isinstance(a, torch.Tensor) else
-                                            torch.full((batch,), a, dtype=torch.float32, device=device)
-                                            for a in alphas], 1)
-        else:
-            expert_logits, expert_base_logits = _combined_pair(
-                base_logits, experts, expert_bases, alphas or [params.alpha], base_plausibility, vocab_size)
-            params.alpha = 1.0
+        if backend in ("torch", "cpp"):
+            expert_logits, expert_base_logits = experts, expert_bases
+            params.alpha = torch.stack([a if isinstance(a, torch.Tensor) else
+                                        torch.full((batch,), a, dtype=torch.float32, device=device)
+                                        for a in (alphas or [params.alpha])], 1)
+            if backend == "cpp":
+                params.seed = row_seeds(params.seed, batch, device)
+                p = params.as_tensors(batch, device)
+                bp = torch.full((batch,), base_plausibility, dtype=torch.float32, device=device) \
+                    if not isinstance(base_plausibility, torch.Tensor) else base_plausibility
+                # one pass over the 2K + 1 inputs per row (csrc/rast_sample_cpu.h: sample_row_pairs)
+                _backends.cpp_module().rast_sample_pairs_cpu(
+                    base_logits, experts, expert_bases, p.alpha, p.temperature, p.top_k, p.top_p, p.min_p, bp,
+                    torch.log(bp), p.seed, p.offset, vocab_size, tokens, logprobs)
+                return (tokens, logprobs) if return_logprobs else tokens
+        else:  # triton
+            from .rast_sample_triton import MAX_PAIRS, rast_sample_triton
+            pairs = None
+            if len(experts) > MAX_PAIRS:
+                expert_logits, expert_base_logits = _folded_pair(base_logits, experts, expert_bases, alphas,
+                                                                 vocab_size)
+                params.alpha = 1.0
+            elif len(experts) > 1:
+                pairs = (experts, expert_bases, torch.stack([
+                    a if isinstance(a, torch.Tensor) else torch.full((batch,), a, dtype=torch.float32, device=device)
+                    for a in alphas], 1))
+            bp = base_plausibility
+            bp = None if not isinstance(bp, torch.Tensor) and bp == 0 else (
+                bp if isinstance(bp, torch.Tensor) else torch.full((batch,), bp, dtype=torch.float32, device=device))
+            rast_sample_triton(base_logits, expert_logits, expert_base_logits, params.as_dict(), vocab_size, tokens,
+                               logprobs, pairs=pairs, base_plausibility=bp)
+            return (tokens, logprobs) if return_logprobs else tokens
     if backend == "torch":
         t, lp = rast_sample_reference(base_logits, expert_logits, expert_base_logits, vocab_size=vocab_size,
                                       base_plausibility=base_plausibility, return_logprobs=True,

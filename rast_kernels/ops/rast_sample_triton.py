@@ -60,6 +60,7 @@ differ from PyTorch's CPU ``log`` in the last bit: a race between two columns wh
 from __future__ import annotations
 
 import functools
+import math
 from types import SimpleNamespace
 
 import torch
@@ -225,16 +226,29 @@ def _rast_chunk_kernel(
     alpha_ptr, alpha_val, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
     seed_ptr, seed_lo, seed_hi, off_ptr, off_lo, off_hi,
     ws_ptr, fstat_ptr, istat_ptr, V, NCHUNK, NSTAT,
+    e2_ptr, eb2_ptr, stride_e2, stride_eb2, e3_ptr, eb3_ptr, stride_e3, stride_eb3,
+    e4_ptr, eb4_ptr, stride_e4, stride_eb4, pmax_ptr, plog_ptr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ALPHA_T: tl.constexpr, TEMP_T: tl.constexpr, TOPK_T: tl.constexpr, TOPP_T: tl.constexpr,
     MINP_T: tl.constexpr, SEED_T: tl.constexpr, OFF_T: tl.constexpr,
-    FILTER: tl.constexpr, PRECISE: tl.constexpr,
+    FILTER: tl.constexpr, PRECISE: tl.constexpr, NPAIRS: tl.constexpr = 1, PLAUS: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row64 = row.to(tl.int64)
     # per-row parameters: a [B] tensor (flag set) or one number for all rows
-    alpha = _row_float(row, alpha_ptr, alpha_val, ALPHA_T)
+    if NPAIRS == 1:
+        alpha = _row_float(row, alpha_ptr, alpha_val, ALPHA_T)
+    else:  # alpha_ptr: [B, NPAIRS] fp32, contiguous
+        alpha = tl.load(alpha_ptr + row64 * NPAIRS)
+        alpha2 = tl.load(alpha_ptr + row64 * NPAIRS + 1)
+        if NPAIRS >= 3:
+            alpha3 = tl.load(alpha_ptr + row64 * NPAIRS + 2)
+        if NPAIRS >= 4:
+            alpha4 = tl.load(alpha_ptr + row64 * NPAIRS + 3)
+    if PLAUS:  # the row's base max (NaN: a bad row) and fp32 log(base_plausibility), from the host wrapper
+        pmax = tl.load(pmax_ptr + row)
+        plog = tl.load(plog_ptr + row)
     temp, k, p, m = _row_params(row, temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
                                 TEMP_T, TOPK_T, TOPP_T, MINP_T)
     t_pos = temp > 0.0
@@ -263,9 +277,31 @@ def _rast_chunk_kernel(
         e = tl.load(expert_ptr + row64 * stride_e + cols, mask=inb, other=0.0).to(tl.float32)
         eb = tl.load(ebase_ptr + row64 * stride_eb + cols, mask=inb, other=0.0).to(tl.float32)
         masked = (b == _NEG_INF) | (e == _NEG_INF) | (eb == _NEG_INF) | (inb == 0)
-        z = b + alpha * (e - eb)  # no FMA (enable_fp_fusion=False): rounds as the reference
+        if NPAIRS == 1:
+            z = b + alpha * (e - eb)  # no FMA (enable_fp_fusion=False): rounds as the reference
+        else:
+            # the pairs loop inside the column pass: S summed left to right, then z = base + S
+            acc = alpha * (e - eb)
+            e = tl.load(e2_ptr + row64 * stride_e2 + cols, mask=inb, other=0.0).to(tl.float32)
+            eb = tl.load(eb2_ptr + row64 * stride_eb2 + cols, mask=inb, other=0.0).to(tl.float32)
+            masked = masked | (e == _NEG_INF) | (eb == _NEG_INF)
+            acc = acc + alpha2 * (e - eb)
+            if NPAIRS >= 3:
+                e = tl.load(e3_ptr + row64 * stride_e3 + cols, mask=inb, other=0.0).to(tl.float32)
+                eb = tl.load(eb3_ptr + row64 * stride_eb3 + cols, mask=inb, other=0.0).to(tl.float32)
+                masked = masked | (e == _NEG_INF) | (eb == _NEG_INF)
+                acc = acc + alpha3 * (e - eb)
+            if NPAIRS >= 4:
+                e = tl.load(e4_ptr + row64 * stride_e4 + cols, mask=inb, other=0.0).to(tl.float32)
+                eb = tl.load(eb4_ptr + row64 * stride_eb4 + cols, mask=inb, other=0.0).to(tl.float32)
+                masked = masked | (e == _NEG_INF) | (eb == _NEG_INF)
+                acc = acc + alpha4 * (e - eb)
+            z = b + acc
         z = tl.where(masked, _NEG_INF, z)
         bad = tl.maximum(bad, tl.reduce(((z != z) | (z == _POS_INF)).to(tl.int32), 0, _cmax))
+        if PLAUS:  # base plausibility masks after the NaN / +inf check, before everything else
+            masked = masked | (((b - pmax) >= plog) == 0)
+            z = tl.where(masked, _NEG_INF, z)
         # greedy: highest z, lowest id among equals
         bm = tl.reduce(z, 0, _cmax)
         bi = tl.reduce(tl.where(z == bm, cols, _INT32_MAX), 0, _cmin)
@@ -581,8 +617,24 @@ def _i32_halves(v: int):
     return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)
 
 
+MAX_PAIRS = 4  # expert pairs the chunk kernel reads in its one pass; more are first folded into one (PyTorch)
+
+
+def _plausibility_stats(base, bp, V):
+    """``(base max, log bp)`` fp32 ``[B]`` for the chunk kernel's base-plausibility mask (``bp`` a ``[B]`` fp32
+    tensor): the max is ``-inf`` where ``bp == 0`` (nothing masked) and NaN for a bad row (``bp`` outside
+    ``[0, 1]``, or ``bp > 0`` with NaN / ``+inf`` in ``base[:, :V]``: every column then masked, token -1)."""
+    b = base[:, :V].float()
+    bmax = b.amax(1)
+    bad = ~((bp >= 0) & (bp <= 1)) | ((bp > 0) & (torch.isnan(b) | (b == math.inf)).any(1))
+    bmax = torch.where(bp > 0, bmax, torch.full_like(bmax, -math.inf))
+    bmax = torch.where(bad, torch.full_like(bmax, math.nan), bmax)
+    return bmax.contiguous(), torch.log(bp).contiguous()
+
+
 def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, tokens: torch.Tensor,
-                       logprobs: torch.Tensor | None, *, chunk: int | None = None) -> None:
+                       logprobs: torch.Tensor | None, *, chunk: int | None = None, pairs=None,
+                       base_plausibility=None) -> None:
     """Triton backend of :func:`rast_kernels.rast_sample` (arguments already validated there).
 
     ``base``, ``expert``, ``expert_base``: ``[B, *]`` fp32/bf16/fp16, last dim contiguous, any row
@@ -593,6 +645,9 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
     (``mix_seed(seed, b)``). Fills ``tokens`` (int64 ``[B]``) and, unless None, ``logprobs`` (fp32
     ``[B]``) in place.
     ``chunk``: override of the chunk width (power of two), for tests and tuning.
+    ``pairs``: ``(experts, expert_bases, alpha)`` for K = 2..MAX_PAIRS expert pairs (``expert`` and
+    ``expert_base`` are then ignored; ``alpha`` a contiguous fp32 ``[B, K]`` tensor; ``params["alpha"]`` unused).
+    ``base_plausibility``: None (off) or a ``[B]`` fp32 tensor (the spec's per-row values).
     """
     batch = base.shape[0]
     if batch == 0:
@@ -619,6 +674,17 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
     minp = (params.min_p, 0.0) if is_t["min_p"] else (dummy, float(params.min_p))
     seed = (params.seed, 0, 0) if is_t["seed"] else (dummy, *_i32_halves(int(params.seed)))
     off = (params.offset, 0, 0) if is_t["offset"] else (dummy, *_i32_halves(int(params.offset)))
+    npairs, extra = 1, [dummy, dummy, 0, 0] * 3
+    if pairs is not None:
+        experts, expert_bases, alpha_bk = pairs
+        npairs = len(experts)
+        assert 2 <= npairs <= MAX_PAIRS and alpha_bk.shape == (batch, npairs)
+        expert, expert_base = experts[0], expert_bases[0]
+        alpha = (alpha_bk, 0.0)
+        for i in range(1, npairs):
+            extra[4 * (i - 1): 4 * i] = [experts[i], expert_bases[i], experts[i].stride(0), expert_bases[i].stride(0)]
+    plaus = base_plausibility is not None
+    pstats = _plausibility_stats(base, base_plausibility, V) if plaus else (dummy, dummy)
     precise = _precise(device)
     write_lp = logprobs is not None
     flags = dict(TEMP_T=is_t["temperature"], TOPK_T=is_t["top_k"], TOPP_T=is_t["top_p"],
@@ -630,8 +696,8 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
         _rast_chunk_kernel[(batch, NCHUNK)](
             base, expert, expert_base, base.stride(0), expert.stride(0), expert_base.stride(0),
             *alpha, *temp, *topk, *topp, *minp, *seed, *off,
-            ws, fstat, istat, V, NCHUNK, NSTAT,
-            CHUNK=CHUNK, BLOCK=B1, ALPHA_T=is_t["alpha"], **flags,
+            ws, fstat, istat, V, NCHUNK, NSTAT, *extra, *pstats,
+            CHUNK=CHUNK, BLOCK=B1, ALPHA_T=is_t["alpha"] or npairs > 1, NPAIRS=npairs, PLAUS=plaus, **flags,
             num_warps=4 if B1 <= 512 else 8, enable_fp_fusion=False,
         )
         _rast_finish_kernel[(batch,)](

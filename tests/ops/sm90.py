@@ -158,6 +158,12 @@ def _silu_mul():
     return len(DTYPES)
 
 
+# the chunk kernel's arguments of expert pairs 2..4 and of base plausibility (K = 1, plausibility off: unused)
+_RAST_PAIR_SIG = dict(e2_ptr="*bf16", eb2_ptr="*fp16", stride_e2="i32", stride_eb2="i32", e3_ptr="*fp32",
+                      eb3_ptr="*bf16", stride_e3="i32", stride_eb3="i32", e4_ptr="*bf16", eb4_ptr="*bf16",
+                      stride_e4="i32", stride_eb4="i32", pmax_ptr="*fp32", plog_ptr="*fp32")
+
+
 def _rast_sample():
     """Both sampler kernels with and without filters / tensor parameters (and filters with a number seed, mixed
     per row in uint64); z / T must be the IEEE division, log libdevice's (not the approximate lg2), Philox 32-bit
@@ -169,15 +175,15 @@ def _rast_sample():
                 stride_eb="i32", alpha_ptr=p, alpha_val="fp32", temp_ptr=p, temp_val="fp32", topk_ptr="*i64",
                 topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32", seed_ptr="*i64",
                 seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=p, fstat_ptr=p,
-                istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32")
+                istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32", **_RAST_PAIR_SIG)
     sig2 = dict(ws_ptr=p, fstat_ptr=p, istat_ptr="*i32", tok_ptr="*i64", lp_ptr=p, temp_ptr=p, temp_val="fp32",
                 topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
                 seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
                 V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
     for t, seed_t in ((False, False), (True, True), (True, False)):
         flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=seed_t, OFF_T=t, FILTER=t, PRECISE=True)
-        ptx1 = compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, **flags), 4,
-                           enable_fp_fusion=False)
+        ptx1 = compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, NPAIRS=1, PLAUS=False,
+                                                            **flags), 4, enable_fp_fusion=False)
         ptx2 = compile_ptx(m._rast_finish_kernel, sig2, dict(NCP2=512, BLOCK=512, NP=16, WRITE_LP=True, **flags), 8,
                            enable_fp_fusion=False)
         assert "div.rn.f32" in ptx1 and "div.full.f32" not in ptx1, "z / T must be the IEEE division"
@@ -187,10 +193,17 @@ def _rast_sample():
         # tl.exp lowers to mul by log2(e) + ex2.approx.f32, libdevice's expf to ex2.approx.ftz.f32 after an exact
         # range reduction: the top-p masses S_k and H(t) must come from one exp, libdevice's
         assert "ex2.approx.f32" not in ptx2, "kernel 2's exp must be libdevice's expf, not the approximate tl.exp"
+    # K = 2 and K = MAX_PAIRS expert pairs read in the one pass, with base plausibility (alpha a [B, K] tensor)
+    for npairs in (2, m.MAX_PAIRS):
+        flags = dict(TEMP_T=True, TOPK_T=True, TOPP_T=True, MINP_T=True, SEED_T=True, OFF_T=True, FILTER=True,
+                     PRECISE=True)
+        ptx1 = compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=True, NPAIRS=npairs,
+                                                            PLAUS=True, **flags), 4, enable_fp_fusion=False)
+        assert "div.rn.f32" in ptx1 and "lg2.approx.f32" not in ptx1
     compile_ptx(m._noise_debug_kernel, dict(seed_ptr="*i64", off_ptr="*i64", col_ptr="*i64", words_ptr="*i64",
                                             exp_ptr=p, NCOL="i32"), dict(BLOCK=256, PRECISE=True), 4,
                 enable_fp_fusion=False)
-    return 7
+    return 9
 
 
 def _attention_configs():
@@ -280,7 +293,7 @@ def _rast_sample_launch_configs():
                 stride_eb="i32", alpha_ptr=p, alpha_val="fp32", temp_ptr=p, temp_val="fp32", topk_ptr="*i64",
                 topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32", seed_ptr="*i64",
                 seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=p, fstat_ptr=p,
-                istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32")
+                istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32", **_RAST_PAIR_SIG)
     sig2 = dict(ws_ptr=p, fstat_ptr=p, istat_ptr="*i32", tok_ptr="*i64", lp_ptr=p, temp_ptr=p, temp_val="fp32",
                 topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
                 seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
@@ -290,8 +303,8 @@ def _rast_sample_launch_configs():
         for t in (False, True):
             flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=t, OFF_T=t, FILTER=t, PRECISE=True)
             # num_warps as rast_sample_triton launches them
-            compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=chunk, BLOCK=b1, ALPHA_T=t, **flags),
-                        4 if b1 <= 512 else 8, enable_fp_fusion=False)
+            compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=chunk, BLOCK=b1, ALPHA_T=t, NPAIRS=1, PLAUS=False,
+                                                         **flags), 4 if b1 <= 512 else 8, enable_fp_fusion=False)
             compile_ptx(m._rast_finish_kernel, sig2, dict(NCP2=triton.next_power_of_2(nchunk), BLOCK=b2,
                                                           NP=m.NUM_PIVOTS, WRITE_LP=t, **flags),
                         8, enable_fp_fusion=False)

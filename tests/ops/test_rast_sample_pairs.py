@@ -295,3 +295,47 @@ def test_argument_errors_name_the_argument():
     # the plain form's errors are unchanged
     raises_naming(rast_sample, dict(base_logits=base, expert_logits=experts[0], expert_base_logits=expert_bases[0]),
                   dict(base_plausibility=2.0), ValueError, "base_plausibility")
+
+
+@pytest.mark.skipif(not _available("cpp"), reason="cpp backend unavailable")
+def test_cpp_pairs_kernel_with_one_pair_is_the_plain_kernel_bit_for_bit():
+    """rast_sample_pairs_cpu (the K-pair loop) with K = 1 and plausibility off == rast_sample_cpu, logprobs too."""
+    _C = _backends.cpp_module()
+    base, (e,), (eb,) = _pairs(7, 1, ("cpp1",), dtypes=(torch.float16, torch.bfloat16, torch.float32), masked=0.05)
+    B, V = 7, 28
+    f = lambda v: torch.full((B,), v, dtype=torch.float32)
+    alpha = torch.rand(B, generator=gen("cpp1-a")) * 2
+    common = dict(temperature=f(0.9), top_k=torch.full((B,), 9), top_p=f(0.9), min_p=f(0.01),
+                  seed=torch.arange(B) + 5, offset=torch.zeros(B, dtype=torch.int64), vocab_size=V)
+    t1, l1 = torch.empty(B, dtype=torch.int64), torch.empty(B)
+    t2, l2 = torch.empty(B, dtype=torch.int64), torch.empty(B)
+    _C.rast_sample_cpu(base, e, eb, alpha=alpha, out=t1, logprobs=l1, **common)
+    _C.rast_sample_pairs_cpu(base, [e], [eb], alpha=alpha.unsqueeze(1).contiguous(), base_plausibility=f(0.0),
+                             log_base_plausibility=torch.log(f(0.0)), out=t2, logprobs=l2, **common)
+    assert torch.equal(t1, t2) and torch.equal(l1.view(torch.int32), l2.view(torch.int32))
+    with pytest.raises(ValueError, match="^alpha:"):
+        _C.rast_sample_pairs_cpu(base, [e], [eb], alpha=alpha, base_plausibility=f(0.0),
+                                 log_base_plausibility=f(0.0), out=t2, **common)
+    with pytest.raises(ValueError, match="^expert_base_logits:"):
+        _C.rast_sample_pairs_cpu(base, [e], [], alpha=alpha.unsqueeze(1).contiguous(), base_plausibility=f(0.0),
+                                 log_base_plausibility=f(0.0), out=t2, **common)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [4, 5])
+def test_up_to_and_past_the_triton_pair_limit(backend, k):
+    """K = MAX_PAIRS (Triton's one-pass limit) and K = MAX_PAIRS + 1 (folded into one pair first): still the
+    reference's tokens and logprobs, with filters, -inf in single pairs and base plausibility."""
+    from rast_kernels.ops.rast_sample_triton import MAX_PAIRS
+    assert MAX_PAIRS == 4
+    base, experts, expert_bases = _pairs(5, k, ("lim", k), dtypes=[torch.float32, torch.bfloat16] * 6, masked=0.03)
+    alpha = torch.rand(5, k, generator=gen("lim-a", k)).to(DEVICE) - 0.2
+    seeds = torch.arange(5, device=DEVICE)
+    for extra in (dict(), dict(base_plausibility=torch.tensor([0.0, 0.05, 0.5, 0.01, 2.0], device=DEVICE))):
+        kw = dict(alpha=alpha, seed=seeds, top_k=8, top_p=0.9, return_logprobs=True, **extra)
+        tokens, lp = rast_sample(base, experts, expert_bases, backend=backend, **kw)
+        ref, ref_lp = rast_sample_reference(base, experts, expert_bases, dtype=torch.float64, **kw)
+        assert torch.equal(tokens.cpu(), ref.cpu())
+        torch.testing.assert_close(lp.cpu(), ref_lp.cpu(), rtol=1e-4, atol=1e-4, equal_nan=True)
+        if extra:
+            assert tokens[4].item() == -1
