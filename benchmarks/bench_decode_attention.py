@@ -46,6 +46,7 @@ if not torch.cuda.is_available():  # the CPU quick mode runs the Triton kernels 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from common import copy_bandwidth, device_name, run_to_json, utc_now, versions  # noqa: E402
+from rast_kernels import _cli  # noqa: E402
 from rast_kernels.ops.decode_attention import (  # noqa: E402
     decode_attention, decode_attention_reference, default_num_splits)
 from rast_kernels.ops.paged_attention import (  # noqa: E402
@@ -66,25 +67,32 @@ L2_ROTATE_BYTES = 256 * 2**20  # rotate inputs over at least this many bytes so 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["Qwen2.5-7B", "Qwen2.5-1.5B"], choices=sorted(SHAPES))
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--s-max", type=int, nargs="+", default=[4352], help="cache positions (StaticCache max_cache_len)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[257, 1024, 4096], help="valid tokens per row")
-    p.add_argument("--pad", type=int, default=0, help="left padding per row (start = pad, end = pad + length)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--num-splits", type=int, default=None, help="override the kernel's split count")
-    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    p.add_argument("--calls-per-graph", type=int, default=20)
-    p.add_argument("--replays", type=int, default=30, help="timed graph replays per case (median taken)")
-    p.add_argument("--max-bytes", type=float, default=24e9, help="skip cases whose buffers would exceed this")
-    p.add_argument("--block-size", type=int, default=16, help="positions per block of the paged cache")
+    p = _cli.ArgumentParser(prog="bench_decode_attention.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["Qwen2.5-7B", "Qwen2.5-1.5B"], choices=sorted(SHAPES),
+                   help="attention shapes of these models (default Qwen2.5-7B Qwen2.5-1.5B)")
+    p.add_argument("--batch", type=_cli.int_range(1), nargs="+", default=[1, 8, 32], help="rows (default 1 8 32)")
+    p.add_argument("--s-max", type=_cli.int_range(1), nargs="+", default=[4352],
+                   help="cache positions (StaticCache max_cache_len; default 4352)")
+    p.add_argument("--lengths", type=_cli.int_range(1), nargs="+", default=[257, 1024, 4096],
+                   help="valid tokens per row (default 257 1024 4096)")
+    p.add_argument("--pad", type=_cli.int_range(0), default=0,
+                   help="left padding per row (start = pad, end = pad + length; default 0)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="default bf16")
+    p.add_argument("--num-splits", type=_cli.int_range(1, 64), default=None, help="override the kernel's split count")
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="what to time (default all)")
+    p.add_argument("--calls-per-graph", type=_cli.int_range(1), default=20,
+                   help="op calls captured per CUDA graph (default 20)")
+    p.add_argument("--replays", type=_cli.int_range(1), default=30, help="timed graph replays per case (median taken)")
+    p.add_argument("--max-bytes", type=_cli.float_range(0.0, lo_open=True), default=24e9,
+                   help="skip cases whose buffers would exceed this (default 24e9)")
+    p.add_argument("--block-size", type=_cli.int_range(1), default=16,
+                   help="positions per block of the paged cache (default 16)")
     p.add_argument("--quick", action="store_true", help=f"tiny cases ({QUICK}); the only mode that runs on CPU")
-    p.add_argument("--out", type=Path, default=None, help="directory for decode_attention.json")
+    p.add_argument("--out", type=_cli.output_dir, default=None, help="directory for decode_attention.json")
     args = p.parse_args(argv)
-    if args.block_size < 1:
-        p.error(f"--block-size: must be >= 1, got {args.block_size}")
+    if args.out is not None:
+        args.out = Path(args.out)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)

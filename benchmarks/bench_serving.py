@@ -43,6 +43,7 @@ import torch
 
 import models
 from common import device_name, run_to_json, sync, utc_now, versions
+from rast_kernels import _cli
 from peer_loop import peer_generate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,55 +52,44 @@ BASELINE_REV = "5b8234d"  # the last commit with the static-slab engine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgumentParser(prog="bench_serving.py", description=__doc__.split("\n\n")[0].replace("``", ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trio", default=None, choices=sorted(models.TRIOS),
                    help="real configs with random weights (default: the tiny random trio)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=_cli.device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--requests", type=int, default=64, help="requests in the workload (default 64)")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
-    p.add_argument("--mean-new", type=float, default=48.0, help="mean output length (default 48)")
-    p.add_argument("--sigma", type=float, default=1.0, help="lognormal shape of the output lengths (default 1)")
-    p.add_argument("--max-new", type=int, default=512, help="longest output (and max_seq_len - prompt; default 512)")
-    p.add_argument("--max-batch", type=int, default=16, help="decode slots of the engines (default 16)")
-    p.add_argument("--kv-tokens", type=int, default=None,
+    p.add_argument("--requests", type=_cli.int_range(1), default=64, help="requests in the workload (default 64)")
+    p.add_argument("--prompt-len", type=_cli.int_range(1), default=32, help="prompt tokens per request (default 32)")
+    p.add_argument("--mean-new", type=_cli.float_range(1.0), default=48.0, help="mean output length (default 48)")
+    p.add_argument("--sigma", type=_cli.float_range(0.0), default=1.0,
+                   help="lognormal shape of the output lengths (default 1)")
+    p.add_argument("--max-new", type=_cli.int_range(1), default=512,
+                   help="longest output (and max_seq_len - prompt; default 512)")
+    p.add_argument("--max-batch", type=_cli.int_range(1), default=16, help="decode slots of the engines (default 16)")
+    p.add_argument("--kv-tokens", type=_cli.int_range(1), default=None,
                    help="KV token slots per model for both engines (default: 4 static rows of max_seq_len, in whole blocks)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--step-batch", type=int, default=4, help="fixed batch of the decode_step rows (default 4)")
-    p.add_argument("--step-tokens", type=int, default=32, help="tokens timed in the decode_step rows (default 32)")
+    p.add_argument("--block-size", type=_cli.int_range(1), default=16, help="token slots per KV block (default 16)")
+    p.add_argument("--step-batch", type=_cli.int_range(1), default=4,
+                   help="fixed batch of the decode_step rows (default 4)")
+    p.add_argument("--step-tokens", type=_cli.int_range(1), default=32,
+                   help="tokens timed in the decode_step rows (default 32)")
     p.add_argument("--baseline-rev", default=BASELINE_REV,
                    help="git revision of the old static engine for the decode_step comparison ('' to skip)")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, help="what to run (default all)")
+    p.add_argument("--temperature", type=_cli.float_range(0.0), default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-p", type=_cli.float_range(0.0, 1.0, lo_open=True), default=0.95, help="top-p (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="workload and sampling seed (default 0)")
     p.add_argument("--plot", action="store_true", help="also write serving.png (matplotlib)")
-    p.add_argument("--out", type=Path, default=None, help="folder for serving.json")
+    p.add_argument("--out", type=_cli.output_dir, default=None, help="folder for serving.json")
     args = p.parse_args(argv)
-    for name in ("requests", "prompt_len", "max_new", "max_batch", "block_size", "step_batch", "step_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if not (args.mean_new >= 1 and math.isfinite(args.mean_new)):
-        p.error(f"--mean-new: must be a finite number >= 1, got {args.mean_new}")
-    if not (args.sigma >= 0 and math.isfinite(args.sigma)):
-        p.error(f"--sigma: must be a finite number >= 0, got {args.sigma}")
     if args.kv_tokens is not None and args.kv_tokens < args.block_size:
-        p.error(f"--kv-tokens: must be >= --block-size ({args.block_size}), got {args.kv_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        p.error(f"--temperature: must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p: must be in (0, 1], got {args.top_p}")
+        _cli.fail(p, "--kv-tokens", f"must be >= --block-size ({args.block_size}), got {args.kv_tokens}")
+    if args.out is not None:
+        args.out = Path(args.out)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        p.error(f"--device: not a device: {args.device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device: {args.device!r} requested but CUDA is not available")
     if args.dtype is None:
-        args.dtype = "bf16" if dev.type == "cuda" else "fp32"
+        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     return args
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_bench_serving_tiny(tmp_path, bench_modules, capsys):
     holds more rows than the static one at equal KV memory (timings are not asserted)."""
     out = tmp_path / "out"
     _main("bench_serving", ["--requests", "12", "--prompt-len", "6", "--mean-new", "6", "--max-new", "40",
-                            "--max-batch", "8", "--step-batch", "2", "--step-tokens", "3", "--baseline-rev", "",
+                            "--max-batch", "8", "--step-batch", "2", "--step-tokens", "8", "--baseline-rev", "",
                             "--out", str(out)], capsys)
     result = json.loads((out / "serving.json").read_text())
     rows = {r["system"]: r for r in result["rows"]}
@@ -188,4 +189,4 @@ def test_bench_serving_tiny(tmp_path, bench_modules, capsys):
     assert result["static_rows"] == 4 and rows["static"]["peak_kv_held_tokens"] <= result["kv_cache_tokens"]
     assert rows["continuous"]["peak_kv_held_tokens"] <= result["kv_cache_tokens"]
     assert rows["continuous"]["mean_occupancy"] > rows["static"]["mean_occupancy"]
-    assert rows["decode_step_paged"]["ms_per_step"] > 0
+    assert math.isfinite(rows["decode_step_paged"]["ms_per_step"])  # a difference of two timings: no sign asserted

@@ -145,6 +145,12 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
                          (["--repeats", "0"], "--repeats"), (["--top-p", "0"], "--top-p"),
                          (["--temperature", "-1"], "--temperature"), (["--device", "nonsense"], "--device"),
                          (["--tiny", "--max-seq-len", "5"], "--max-seq-len")],
+        "bench_serving": [(["--requests", "0"], "--requests"), (["--sigma", "-1"], "--sigma"),
+                          (["--top-p", "0"], "--top-p"), (["--device", "nonsense"], "--device"),
+                          (["--block-size", "8", "--kv-tokens", "4"], "--kv-tokens"), (["--out", bad_out], "--out")],
+        "bench_decode_attention": [(["--batch", "0"], "--batch"), (["--num-splits", "65"], "--num-splits"),
+                                   (["--pad", "-1"], "--pad"), (["--block-size", "0"], "--block-size"),
+                                   (["--out", bad_out], "--out")],
         "profile_decode_step": [(["--out", str(tmp_path), "--steps", "0"], "--steps"),
                                 (["--out", str(tmp_path), "--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
     }
@@ -172,6 +178,8 @@ def test_each_cli_as_a_subprocess(tmp_path):
         ([py, "benchmarks/bench_sampler.py", "--budget-s", "0"], "--budget-s"),
         ([py, "benchmarks/bench_decode.py", "--batch", "0"], "--batch"),
         ([py, "benchmarks/profile_decode_step.py", "--out", str(tmp_path), "--steps", "0"], "--steps"),
+        ([py, "benchmarks/bench_serving.py", "--requests", "0"], "--requests"),
+        ([py, "benchmarks/bench_decode_attention.py", "--batch", "0"], "--batch"),
         ([py, "benchmarks/results_table.py", "/nonexistent.json"], "files"),
         ([py, "benchmarks/plot_sampler.py", "/nonexistent.json"], "json"),
     ]
