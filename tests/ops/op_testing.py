@@ -22,6 +22,22 @@ without_gpu = pytest.mark.skipif(DEVICE == "cuda" or not _backends.has_triton(),
                                  reason="on a GPU the kernels are compiled and run by the other tests; needs Triton")
 
 
+def sampler_backend_available(backend: str) -> bool:
+    """Whether ``rast_sample(..., backend=backend)`` can run here: C++ on CPU when built, Triton on CUDA or under
+    the interpreter, the reference always."""
+    if backend == "cpp":
+        return DEVICE == "cpu" and _backends.has_cpp_cpu()
+    if backend == "triton":
+        return _backends.has_triton() and (DEVICE == "cuda" or _backends.triton_interpreting())
+    return True
+
+
+def sampler_backends(names=("torch", "cpp", "triton")) -> list:
+    """pytest params of the sampler backends, the unavailable ones skipped with the reason."""
+    return [pytest.param(b, marks=pytest.mark.skipif(not sampler_backend_available(b), reason=f"{b} backend unavailable"))
+            for b in names]
+
+
 def ulps(dtype, n):
     """assert_close tolerances of n units in the last place: eps is one ulp relative to a value at the bottom of
     its binade (so rtol=n*eps admits n ulps everywhere), eps * smallest_normal one ulp among the subnormals."""

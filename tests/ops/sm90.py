@@ -164,14 +164,10 @@ _RAST_PAIR_SIG = dict(e2_ptr="*bf16", eb2_ptr="*fp16", stride_e2="i32", stride_e
                       stride_e4="i32", stride_eb4="i32", pmax_ptr="*fp32", plog_ptr="*fp32")
 
 
-def _rast_sample():
-    """Both sampler kernels with and without filters / tensor parameters (and filters with a number seed, mixed
-    per row in uint64); z / T must be the IEEE division, log libdevice's (not the approximate lg2), Philox 32-bit
-    umulhi, every exp of kernel 2 (the top-p masses) libdevice's; the launches use ``enable_fp_fusion=False``."""
-    import rast_kernels.ops.rast_sample_triton as m
-
+def _rast_sample_sigs(base: str, expert: str, expert_base: str):
+    """Runtime-argument signatures of the two sampler kernels (chunk pass, finish pass) for these logits dtypes."""
     p = "*fp32"
-    sig1 = dict(base_ptr="*bf16", expert_ptr="*fp32", ebase_ptr="*fp16", stride_b="i32", stride_e="i32",
+    sig1 = dict(base_ptr=base, expert_ptr=expert, ebase_ptr=expert_base, stride_b="i32", stride_e="i32",
                 stride_eb="i32", alpha_ptr=p, alpha_val="fp32", temp_ptr=p, temp_val="fp32", topk_ptr="*i64",
                 topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32", seed_ptr="*i64",
                 seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=p, fstat_ptr=p,
@@ -180,6 +176,17 @@ def _rast_sample():
                 topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
                 seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
                 V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
+    return sig1, sig2
+
+
+def _rast_sample():
+    """Both sampler kernels with and without filters / tensor parameters (and filters with a number seed, mixed
+    per row in uint64); z / T must be the IEEE division, log libdevice's (not the approximate lg2), Philox 32-bit
+    umulhi, every exp of kernel 2 (the top-p masses) libdevice's; the launches use ``enable_fp_fusion=False``."""
+    import rast_kernels.ops.rast_sample_triton as m
+
+    p = "*fp32"
+    sig1, sig2 = _rast_sample_sigs("*bf16", "*fp32", "*fp16")  # mixed input dtypes
     for t, seed_t in ((False, False), (True, True), (True, False)):
         flags = dict(TEMP_T=t, TOPK_T=t, TOPP_T=t, MINP_T=t, SEED_T=seed_t, OFF_T=t, FILTER=t, PRECISE=True)
         ptx1 = compile_ptx(m._rast_chunk_kernel, sig1, dict(CHUNK=1024, BLOCK=512, ALPHA_T=t, NPAIRS=1, PLAUS=False,
@@ -288,16 +295,7 @@ def _rast_sample_launch_configs():
     import rast_kernels.ops.rast_sample_triton as m
 
     configs = sorted({m.launch_config(b, v, torch.device("cpu")) for v in (151936, 152064) for b in range(1, 257)})
-    p = "*fp32"
-    sig1 = dict(base_ptr="*bf16", expert_ptr="*bf16", ebase_ptr="*bf16", stride_b="i32", stride_e="i32",
-                stride_eb="i32", alpha_ptr=p, alpha_val="fp32", temp_ptr=p, temp_val="fp32", topk_ptr="*i64",
-                topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32", seed_ptr="*i64",
-                seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32", ws_ptr=p, fstat_ptr=p,
-                istat_ptr="*i32", V="i32", NCHUNK="i32", NSTAT="i32", **_RAST_PAIR_SIG)
-    sig2 = dict(ws_ptr=p, fstat_ptr=p, istat_ptr="*i32", tok_ptr="*i64", lp_ptr=p, temp_ptr=p, temp_val="fp32",
-                topk_ptr="*i64", topk_val="i32", topp_ptr=p, topp_val="fp32", minp_ptr=p, minp_val="fp32",
-                seed_ptr="*i64", seed_lo="i32", seed_hi="i32", off_ptr="*i64", off_lo="i32", off_hi="i32",
-                V="i32", NCHUNK="i32", NSTAT="i32", NW="i32")
+    sig1, sig2 = _rast_sample_sigs("*bf16", "*bf16", "*bf16")
     n = 0
     for chunk, nchunk, b1, b2 in configs:
         for t in (False, True):

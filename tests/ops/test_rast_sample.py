@@ -4,23 +4,13 @@ import math
 import pytest
 import torch
 
+from op_testing import DEVICE, sampler_backends  # first: sets TRITON_INTERPRET on CPU
 from rast_kernels import _backends, rast_sample
 from rast_kernels.ops.philox import mix_seed
 from rast_kernels.ops.rast_sample_reference import combined_logits, kept_mask, rast_sample_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _available(backend):
-    if backend == "cpp":
-        return DEVICE == "cpu" and _backends.has_cpp_cpu()
-    if backend == "triton":
-        return _backends.has_triton() and (DEVICE == "cuda" or _backends.triton_interpreting())
-    return True
-
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend unavailable"))
-            for b in ("torch", "cpp", "triton")]
+BACKENDS = sampler_backends()
 
 
 def _logits(batch, width, seed, dtype=torch.float32, ties=False, masked=0.0):

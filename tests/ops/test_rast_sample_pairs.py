@@ -5,21 +5,13 @@ import math
 import pytest
 import torch
 
-from op_testing import DEVICE, INTERPRETED, gen, raises_naming  # first: sets TRITON_INTERPRET on CPU
+# op_testing first: it sets TRITON_INTERPRET on CPU
+from op_testing import DEVICE, INTERPRETED, gen, raises_naming, sampler_backend_available, sampler_backends
 from rast_kernels import _backends, rast_sample
 from rast_kernels.ops.rast_sample_reference import kept_mask, rast_sample_reference
 
 
-def _available(backend):
-    if backend == "cpp":
-        return DEVICE == "cpu" and _backends.has_cpp_cpu()
-    if backend == "triton":
-        return _backends.has_triton() and (DEVICE == "cuda" or _backends.triton_interpreting())
-    return True
-
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend unavailable"))
-            for b in ("torch", "cpp", "triton")]
+BACKENDS = sampler_backends()
 
 
 def _rows(batch, widths, key, dtypes=None, ties=False, masked=0.0):
@@ -297,7 +289,7 @@ def test_argument_errors_name_the_argument():
                   dict(base_plausibility=2.0), ValueError, "base_plausibility")
 
 
-@pytest.mark.skipif(not _available("cpp"), reason="cpp backend unavailable")
+@pytest.mark.skipif(not sampler_backend_available("cpp"), reason="cpp backend unavailable")
 def test_cpp_pairs_kernel_with_one_pair_is_the_plain_kernel_bit_for_bit():
     """rast_sample_pairs_cpu (the K-pair loop) with K = 1 and plausibility off == rast_sample_cpu, logprobs too."""
     _C = _backends.cpp_module()

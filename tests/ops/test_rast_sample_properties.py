@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from op_testing import DEVICE, INTERPRETED
-from rast_kernels import _backends, rast_sample
+from op_testing import DEVICE, INTERPRETED, sampler_backends
+from rast_kernels import rast_sample
 from rast_kernels.ops.rast_sample_reference import rast_sample_reference
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -24,18 +24,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
 
-def _available(backend):
-    if backend == "cpp":
-        return DEVICE == "cpu" and _backends.has_cpp_cpu()
-    if backend == "triton":
-        return _backends.has_triton() and (DEVICE == "cuda" or _backends.triton_interpreting())
-    return True
-
-
 # examples per backend: the interpreter costs ~50 ms a row
 EXAMPLES = {"torch": 60, "cpp": 120, "triton": 40 if INTERPRETED else 200}
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend unavailable"))
-            for b in EXAMPLES]
+BACKENDS = sampler_backends(EXAMPLES)
 
 # valid values, and (only reachable through per-row tensors) out-of-range ones that make a row -1
 _VALUES = dict(
