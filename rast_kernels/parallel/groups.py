@@ -9,6 +9,12 @@ We do not write a runtime: the groups are ``torch.distributed`` ones (NCCL on CU
 ``torchrun``, whose environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) is the
 only input. Every group gets a timeout (``timeout_s``, else ``RAST_DIST_TIMEOUT_S``, else 300 s) so that a dead
 peer turns a collective into an error rather than a hang.
+
+One more group, ``host_group`` (gloo, every rank), carries the object collectives of data parallelism
+(:func:`broadcast_object`, :func:`gather_objects`). Those wait for the slowest data-parallel group, so their bound
+is the imbalance a long run may have, not the dead-peer timeout: ``RAST_DIST_WAIT_TIMEOUT_S``, default 24 h. A rank
+that fails does not leave the others waiting that long: torchrun's agent stops every worker when one exits
+non-zero. Gloo also keeps pickled outputs on the host instead of bouncing them through GPU memory (NCCL).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Any, List, Optional
 import torch
 
 DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_WAIT_TIMEOUT_S = 24 * 3600.0
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK")
 
 _context: Optional["ParallelContext"] = None
@@ -43,6 +50,7 @@ class ParallelContext:
     backend: str
     device: torch.device
     timeout_s: float = DEFAULT_TIMEOUT_S
+    host_group: Any = None  # gloo over all ranks, for the object collectives (module docstring); None: no group
 
     @property
     def is_leader(self) -> bool:
@@ -65,15 +73,16 @@ def current() -> Optional[ParallelContext]:
     return _context
 
 
-def _timeout(timeout_s: Optional[float]) -> float:
+def _timeout(timeout_s: Optional[float], env: str = "RAST_DIST_TIMEOUT_S",
+             default: float = DEFAULT_TIMEOUT_S) -> float:
     if timeout_s is None:
-        text = os.environ.get("RAST_DIST_TIMEOUT_S")
+        text = os.environ.get(env)
         if text is None:
-            return DEFAULT_TIMEOUT_S
+            return default
         try:
             timeout_s = float(text)
         except ValueError:
-            raise ValueError(f"RAST_DIST_TIMEOUT_S: expected seconds, got {text!r}") from None
+            raise ValueError(f"{env}: expected seconds, got {text!r}") from None
     if not timeout_s > 0:
         raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
     return float(timeout_s)
@@ -162,9 +171,11 @@ def init_parallel(tensor_parallel_size: Optional[int] = None, *, device=None, ti
         tp_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(g * tp, (g + 1) * tp)) for g in range(world // tp)],
             timeout=datetime.timedelta(seconds=timeout))
+    wait = datetime.timedelta(seconds=_timeout(None, "RAST_DIST_WAIT_TIMEOUT_S", DEFAULT_WAIT_TIMEOUT_S))
+    host_group = dist.new_group(backend="gloo", timeout=wait)
     _context = ParallelContext(world_size=world, rank=rank, tp_size=tp, tp_rank=rank % tp, tp_group=tp_group,
                                dp_size=world // tp, dp_rank=rank // tp, backend=str(dist.get_backend()),
-                               device=dev, timeout_s=timeout)
+                               device=dev, timeout_s=timeout, host_group=host_group)
     return _context
 
 
@@ -185,26 +196,28 @@ def _ctx(context: Optional[ParallelContext]) -> Optional[ParallelContext]:
 
 
 def broadcast_object(obj, src: int = 0, *, group=None, context: Optional[ParallelContext] = None):
-    """``obj`` from global rank ``src`` on every rank of ``group`` (default: the world); picklable objects only.
-    Without a process group it returns ``obj``. Bounded by the group's timeout."""
+    """``obj`` from global rank ``src`` on every rank of ``group`` (default: the context's ``host_group``, every
+    rank); picklable objects only. Without a process group it returns ``obj``. Bounded by the group's timeout."""
     ctx = _ctx(context)
     if ctx is None or not ctx.distributed:
         return obj
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
+    dist.broadcast_object_list(box, src=src, group=ctx.host_group if group is None else group)
     return box[0]
 
 
 def gather_objects(obj, dst: int = 0, *, group=None, context: Optional[ParallelContext] = None) -> Optional[List]:
-    """Every rank's ``obj`` as a list indexed by rank of ``group`` on global rank ``dst``, None on the others.
-    Without a process group: ``[obj]``. Bounded by the group's timeout."""
+    """Every rank's ``obj`` as a list indexed by rank of ``group`` (default: the context's ``host_group``, every
+    rank) on global rank ``dst``, None on the others. Without a process group: ``[obj]``. Bounded by the group's
+    timeout."""
     ctx = _ctx(context)
     if ctx is None or not ctx.distributed:
         return [obj]
     import torch.distributed as dist
 
+    group = ctx.host_group if group is None else group
     size = dist.get_world_size(group)
     out = [None] * size if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst, group=group)
@@ -212,9 +225,10 @@ def gather_objects(obj, dst: int = 0, *, group=None, context: Optional[ParallelC
 
 
 def barrier(*, group=None, context: Optional[ParallelContext] = None) -> None:
-    """Wait for every rank of ``group`` (default: the world); a no-op without a process group."""
+    """Wait for every rank of ``group`` (default: the context's ``host_group``); a no-op without a process
+    group."""
     ctx = _ctx(context)
     if ctx is not None and ctx.distributed:
         import torch.distributed as dist
 
-        dist.barrier(group=group)
+        dist.barrier(group=ctx.host_group if group is None else group)
