@@ -2,7 +2,8 @@
 
 * :func:`hf_chain_sample` (and :func:`hf_sample` for one model's logits): the chain of separate
   PyTorch ops that RAST / proxy-tuning code runs per
-  step, the way Hugging Face ``generate`` warpers do it: fp32 combine, ``/ T``, top-k by ``topk``
+  step, the way Hugging Face ``generate`` warpers do it: fp32 combine (one expert pair or K, the official
+  RAST code's several-pair form), ``/ T``, top-k by ``topk``
   threshold, sort-based top-p (ascending sort, softmax, cumsum, drop the low tail whose mass is
   ``<= 1 - p``, scatter back; like transformers' ``TopPLogitsWarper``), min-p, softmax,
   ``torch.multinomial``.
@@ -19,15 +20,38 @@ import math
 import torch
 
 
-def combine_unfused(base_logits: torch.Tensor, expert_logits: torch.Tensor, expert_base_logits: torch.Tensor,
-                    alpha: float, vocab_size: int) -> torch.Tensor:
+def _pairs(expert_logits, expert_base_logits) -> tuple[list, list]:
+    """``(experts, expert_bases)`` as lists of K >= 1 tensors (a plain tensor pair is K = 1)."""
+    if not isinstance(expert_logits, (list, tuple)):
+        expert_logits, expert_base_logits = [expert_logits], [expert_base_logits]
+    if not isinstance(expert_base_logits, (list, tuple)) or len(expert_base_logits) != len(expert_logits) \
+            or not expert_logits:
+        raise ValueError("expert_base_logits: expected as many tensors as expert_logits (K >= 1)")
+    return list(expert_logits), list(expert_base_logits)
+
+
+def combine_unfused(base_logits: torch.Tensor, expert_logits, expert_base_logits, alpha,
+                    vocab_size: int) -> torch.Tensor:
     """``base + alpha * (expert - expert_base)`` in fp32 over ``[0, vocab_size)`` as separate ops
     (cast, sub, mul, add), like public RAST code after truncating to the narrowest vocabulary.
-    Inputs ``[B, V_*]`` any float dtype; returns fp32 ``[B, vocab_size]``."""
-    b = base_logits[:, :vocab_size].float()
-    e = expert_logits[:, :vocab_size].float()
-    eb = expert_base_logits[:, :vocab_size].float()
-    return b + alpha * (e - eb)
+    ``expert_logits`` / ``expert_base_logits`` may be sequences of K tensors: ``base + sum_i alpha_i *
+    (expert_i - expert_base_i)``, one term added at a time (each a separate sub, mul, add); ``alpha`` is
+    then one number for every pair or K numbers. Inputs ``[B, V_*]`` any float dtype; returns fp32
+    ``[B, vocab_size]``."""
+    experts, expert_bases = _pairs(expert_logits, expert_base_logits)
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * len(experts)
+    if len(alphas) != len(experts):
+        raise ValueError(f"alpha: expected {len(experts)} weights (one per pair), got {len(alphas)}")
+    z = base_logits[:, :vocab_size].float()
+    for a, e, eb in zip(alphas, experts, expert_bases):
+        z = z + a * (e[:, :vocab_size].float() - eb[:, :vocab_size].float())
+    return z
+
+
+def narrowest(base_logits: torch.Tensor, expert_logits, expert_base_logits) -> int:
+    """The narrowest logits width over all the inputs (the default ``vocab_size``)."""
+    experts, expert_bases = _pairs(expert_logits, expert_base_logits)
+    return min(t.shape[1] for t in (base_logits, *experts, *expert_bases))
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
@@ -72,16 +96,16 @@ def hf_sample(scores: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
-def hf_chain_sample(base_logits: torch.Tensor, expert_logits: torch.Tensor, expert_base_logits: torch.Tensor, *,
-                    alpha: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    min_p: float = 0.0, vocab_size: int | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def hf_chain_sample(base_logits: torch.Tensor, expert_logits, expert_base_logits, *, alpha=1.0,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                    vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One RAST sampling step as a chain of PyTorch ops: :func:`combine_unfused` then :func:`hf_sample`.
 
-    Inputs ``[B, V_*]`` (fp32/bf16/fp16, one device); scalar parameters; returns int64 ``[B]``.
+    Inputs ``[B, V_*]`` (fp32/bf16/fp16, one device), or sequences of K expert / expert-base tensors;
+    scalar parameters (``alpha``: also K numbers); returns int64 ``[B]``.
     """
     if vocab_size is None:
-        vocab_size = min(t.shape[1] for t in (base_logits, expert_logits, expert_base_logits))
+        vocab_size = narrowest(base_logits, expert_logits, expert_base_logits)
     scores = combine_unfused(base_logits, expert_logits, expert_base_logits, alpha, vocab_size)
     return hf_sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
@@ -95,15 +119,16 @@ def flashinfer_available() -> bool:
     return True
 
 
-def flashinfer_sample(base_logits: torch.Tensor, expert_logits: torch.Tensor, expert_base_logits: torch.Tensor, *,
-                      alpha: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def flashinfer_sample(base_logits: torch.Tensor, expert_logits, expert_base_logits, *, alpha=1.0,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       vocab_size: int | None = None) -> torch.Tensor:
-    """Unfused fp32 combine and ``/ T``, then FlashInfer's ``top_k_top_p_sampling_from_logits`` (CUDA only).
-    ``top_k <= 0`` is passed as ``vocab_size`` (off). Returns FlashInfer's int32 ``[B]`` ids."""
+    """Unfused fp32 combine (one pair or K, as :func:`combine_unfused`) and ``/ T``, then FlashInfer's
+    ``top_k_top_p_sampling_from_logits`` (CUDA only). ``top_k <= 0`` is passed as ``vocab_size`` (off).
+    Returns FlashInfer's int32 ``[B]`` ids."""
     import flashinfer.sampling
 
     if vocab_size is None:
-        vocab_size = min(t.shape[1] for t in (base_logits, expert_logits, expert_base_logits))
+        vocab_size = narrowest(base_logits, expert_logits, expert_base_logits)
     scores = combine_unfused(base_logits, expert_logits, expert_base_logits, alpha, vocab_size)
     if temperature != 1.0:
         scores = scores / temperature

@@ -1,14 +1,16 @@
 """Benchmark one RAST sampling step: ``rast_kernels.rast_sample`` against the baselines.
 
-For each batch size B, vocabulary width V, input dtype and sampling setting it times
+For each batch size B, vocabulary width V, input dtype, sampling setting and number of expert pairs K
+(``z = base + sum_i alpha * (expert_i - expert_base_i)``; K = 1 is the plain three-tensor call) it times
 
 * ``rast_sample`` (backend ``auto``: Triton on CUDA, the compiled C++ kernel on CPU),
 * ``rast_sample_reference`` (the PyTorch reference, the spec),
-* ``hf_chain``: the chain of PyTorch ops public code runs (``baselines.hf_chain_sample``),
+* ``hf_chain``: the chain of PyTorch ops public code runs (``baselines.hf_chain_sample``; K pairs combined
+  one term at a time),
 * ``flashinfer``: FlashInfer's ``top_k_top_p_sampling_from_logits`` after an unfused combine
   (CUDA, when ``flashinfer`` is importable),
 
-and the floor: the bytes of the three input logit tensors read once over the device's copy bandwidth
+and the floor: the bytes of the 2K + 1 input logit tensors read once over the device's copy bandwidth
 (measured in the same run with a large tensor copy, counting bytes read plus written).
 
 CUDA: CUDA events around each call, warm-up, median and p10/p90 of many calls, inputs rotated over
@@ -19,6 +21,7 @@ Examples::
     python benchmarks/bench_sampler.py --out out/             # CUDA: full grid; CPU: the --quick grid
     python benchmarks/bench_sampler.py --full --out out/      # full grid on CPU too (slow)
     python benchmarks/bench_sampler.py --batch 1 --vocab 4096 --dtypes fp32 --settings top_p --repeats 3
+    python benchmarks/bench_sampler.py --pairs 2 --vocab 152064 --dtypes bf16 --out out/   # two pairs only
 
 Writes ``sampler.json`` (and ``sampler.png`` via ``plot_sampler.py``) under ``--out``.
 """
@@ -44,6 +47,8 @@ FULL_BATCHES = (1, 16, 64, 256)
 FULL_VOCABS = (32000, 128256, 152064)
 QUICK_BATCHES = (1, 16, 64)
 QUICK_VOCABS = (152064, 32000)
+PAIRS = (1, 2, 3)  # the official RAST code combines up to three expert pairs
+MAX_PAIRS = 8
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 # name -> sampling parameters; alpha 1.0 is the RAST scripts' default
 SETTINGS = {
@@ -68,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=_cli.int_range(2, 2**24), nargs="+", default=None,
                    help="vocabulary widths, 2..2^24 (overrides the grid)")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES), help="input dtypes")
+    p.add_argument("--pairs", type=_cli.int_range(1, MAX_PAIRS), nargs="+", default=list(PAIRS),
+                   help=f"numbers of expert pairs K, 1..{MAX_PAIRS} (default {' '.join(map(str, PAIRS))}): "
+                        "each K times every op over the whole grid")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
                    help="sampling settings: " + "; ".join(f"{k}: {v}" for k, v in SETTINGS.items()))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS,
@@ -141,11 +149,22 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def make_inputs(B: int, V: int, dtype: torch.dtype, device: torch.device, n_sets: int, seed: int):
-    """``n_sets`` triples of random ``[B, V]`` logits (N(0, LOGIT_STD^2)), made on ``device``."""
+def make_inputs(B: int, V: int, dtype: torch.dtype, device: torch.device, n_sets: int, seed: int, n_tensors: int = 3):
+    """``n_sets`` tuples of ``n_tensors`` random ``[B, V]`` logits (N(0, LOGIT_STD^2)), made on ``device``."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [tuple((torch.randn(B, V, generator=gen, device=device) * LOGIT_STD).to(dtype) for _ in range(3))
+    return [tuple((torch.randn(B, V, generator=gen, device=device) * LOGIT_STD).to(dtype) for _ in range(n_tensors))
             for _ in range(n_sets)]
+
+
+def pair_inputs(tensors: tuple, pairs: int) -> tuple:
+    """The call's ``(base, expert, expert_base)`` from one :func:`make_inputs` tuple of ``1 + 2 * max_pairs``
+    tensors (base, the experts, then the expert bases): plain tensors for K = 1 (the single-pair call, as
+    before the K rows existed), lists of K tensors otherwise."""
+    max_pairs = (len(tensors) - 1) // 2
+    experts, expert_bases = tensors[1:1 + pairs], tensors[1 + max_pairs:1 + max_pairs + pairs]
+    if pairs == 1:
+        return tensors[0], experts[0], expert_bases[0]
+    return tensors[0], list(experts), list(expert_bases)
 
 
 # an op that cannot run here is listed with one of these reasons instead of its timing function, so the
@@ -155,7 +174,8 @@ FLASHINFER_SKIP_MISSING = "flashinfer not importable here (install flashinfer-py
 
 
 def build_ops(names, device: torch.device, params: dict):
-    """[(op, backend, fn(inputs_triple, i))] for the requested ops; ``fn`` is a string, the reason it is
+    """[(op, backend, fn((base, expert, expert_base), i))] for the requested ops (every op takes the K-pair lists
+    too); ``fn`` is a string, the reason it is
     skipped, for an op this machine does not have."""
     ops = []
     for name in names:
@@ -212,7 +232,8 @@ def run(args: argparse.Namespace, checkpoint=None) -> dict:
         "benchmark": "sampler", "device": device_name(device), "device_type": device.type,
         "versions": versions(), "date": utc_now(), "copy_bandwidth_GBps": bw / 1e9,
         "copy_bandwidth_note": "bytes read + bytes written per second of a large device-to-device tensor copy",
-        "grid": {"B": list(batches), "V": list(vocabs), "dtypes": args.dtypes, "settings": args.settings},
+        "grid": {"B": list(batches), "V": list(vocabs), "dtypes": args.dtypes, "settings": args.settings,
+                 "pairs": args.pairs},
         "settings": {k: SETTINGS[k] for k in args.settings},
         "timer": {"warmup": timer.warmup, "max_repeats": timer.repeats, "min_repeats": timer.min_repeats,
                   "budget_s": timer.budget_s, "clock": "cuda events" if cuda else "time.perf_counter"},
@@ -220,22 +241,25 @@ def run(args: argparse.Namespace, checkpoint=None) -> dict:
     }
     print(f"# {meta['device']}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
     rows = []
+    max_pairs = max(args.pairs)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for V in vocabs:
             for B in batches:
-                set_bytes = 3 * B * V * torch.tensor([], dtype=dtype).element_size()
-                # on CUDA rotate over enough input sets (>= 256 MB, several times the L2) that consecutive calls
-                # do not find their inputs in L2; on CPU one set (generation would dominate the run)
-                n_sets = min(512, max(1, math.ceil(256e6 / set_bytes))) if cuda else 1
-                inputs = make_inputs(B, V, dtype, device, n_sets, args.seed)
-                floor_us = set_bytes / bw * 1e6
-                for setting in args.settings:
+                tensor_bytes = B * V * torch.tensor([], dtype=dtype).element_size()
+                # on CUDA rotate over enough input sets (>= 256 MB of what one K = 1 call reads, several times the
+                # L2) that consecutive calls do not find their inputs in L2; on CPU one set (generation would
+                # dominate the run). A set holds the tensors of the largest K; a K call reads 2K + 1 of them
+                n_sets = min(512, max(1, math.ceil(256e6 / (3 * tensor_bytes)))) if cuda else 1
+                inputs = make_inputs(B, V, dtype, device, n_sets, args.seed, n_tensors=1 + 2 * max_pairs)
+                for setting, K in ((setting, K) for setting in args.settings for K in args.pairs):
                     params = SETTINGS[setting]
+                    floor_us = (2 * K + 1) * tensor_bytes / bw * 1e6
+                    calls = [pair_inputs(x, K) for x in inputs]  # built outside the timed calls
                     group = []
                     for op, backend, fn in build_ops(args.ops, device, params):
                         row = {"op": op, "backend": backend, "B": B, "V": V, "dtype": dtype_name, "setting": setting,
-                               "floor_us": floor_us, "input_sets": n_sets}
+                               "pairs": K, "floor_us": floor_us, "input_sets": n_sets}
                         try:
                             if isinstance(fn, str):
                                 row.update(median_us=None, p10=None, p90=None, n=0, skipped=fn)
@@ -247,7 +271,7 @@ def run(args: argparse.Namespace, checkpoint=None) -> dict:
                                                    "(--reference-max-elems): one call takes tens of seconds")
                                 group.append(row)
                                 continue
-                            times, first = timer(lambda i: fn(inputs[i % n_sets], i))
+                            times, first = timer(lambda i: fn(calls[i % n_sets], i))
                             problem = check_tokens(first, B, V)
                             row.update(median_us=statistics.median(times), p10=percentile(times, 10),
                                        p90=percentile(times, 90), n=len(times))
@@ -292,7 +316,8 @@ def _add_speedups(group: list[dict]) -> None:
 def _format_row(r: dict) -> str:
     def f(x, fmt):
         return format(x, fmt) if x is not None else "-"
-    return (f"{r['op']:<36} {r['backend']:<10} B={r['B']:<4} V={r['V']:<7} {r['dtype']:<5} {r['setting']:<6} "
+    return (f"{r['op']:<36} {r['backend']:<10} B={r['B']:<4} V={r['V']:<7} K={r['pairs']} {r['dtype']:<5} "
+            f"{r['setting']:<6} "
             f"median {f(r['median_us'], '10.1f')} us  p10 {f(r['p10'], '9.1f')}  p90 {f(r['p90'], '9.1f')}  "
             f"floor {r['floor_us']:8.2f} us  x_ref {f(r['speedup_vs_reference'], '6.2f')}  "
             f"x_hf {f(r['speedup_vs_hf_chain'], '6.2f')}"

@@ -1,7 +1,8 @@
 """Plot ``sampler.json`` from ``bench_sampler.py``: median time per sampling step against batch size.
 
-One panel per (input dtype, setting) row and vocabulary width column; one line per op (p10-p90 band),
-and the read floor dashed. Log-log axes.
+One panel per (input dtype, setting) row and vocabulary width column; one line per op (p10-p90 band)
+and number of expert pairs K (line style: solid K = 1, then dashed, dotted...), and the read floor of each K
+in black. Log-log axes.
 
     python benchmarks/plot_sampler.py out/sampler.json            # writes out/sampler.png
     python benchmarks/plot_sampler.py out/sampler.json -o fig.png
@@ -36,12 +37,24 @@ def _label(row: dict) -> str:
     return f"{row['op']} ({row['backend']})"
 
 
+def _pairs(row: dict) -> int:
+    return row.get("pairs", 1)  # results from before the K rows are K = 1
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot(result: dict, path: Path) -> Path:
     """Draw ``result`` (the JSON object ``bench_sampler`` writes) to the PNG at ``path``."""
     rows = [r for r in result["rows"] if r.get("median_us")]
     panels = sorted({(r["dtype"], r["setting"]) for r in rows})
     vocabs = sorted({r["V"] for r in rows})
     ops = list(dict.fromkeys(_label(r) for r in rows))
+    pairs = sorted({_pairs(r) for r in rows})
+    styles = {k: LINE_STYLES[i % len(LINE_STYLES)] for i, k in enumerate(pairs)}
+
+    def suffix(k):  # the K of a line, named only when the result has several
+        return f", K={k}" if len(pairs) > 1 else ""
     if not panels:
         raise ValueError("result: no timed rows to plot")
     plt = _pyplot()
@@ -52,16 +65,19 @@ def plot(result: dict, path: Path) -> Path:
         for j, V in enumerate(vocabs):
             ax = axes[i][j]
             sel = [r for r in rows if (r["dtype"], r["setting"], r["V"]) == (dtype, setting, V)]
-            for op in ops:
-                pts = sorted((r["B"], r["median_us"], r["p10"], r["p90"]) for r in sel if _label(r) == op)
-                if not pts:
-                    continue
-                bs, med, lo, hi = zip(*pts)
-                ax.plot(bs, med, "o-", color=colors[op], label=op, ms=3)
-                ax.fill_between(bs, lo, hi, color=colors[op], alpha=0.2)
-            floor = sorted({(r["B"], r["floor_us"]) for r in sel})
-            if floor:
-                ax.plot(*zip(*floor), "k--", lw=1, label="read floor")
+            for k in pairs:
+                for op in ops:
+                    pts = sorted((r["B"], r["median_us"], r["p10"], r["p90"]) for r in sel
+                                 if _label(r) == op and _pairs(r) == k)
+                    if not pts:
+                        continue
+                    bs, med, lo, hi = zip(*pts)
+                    ax.plot(bs, med, marker="o", ls=styles[k], color=colors[op], label=op + suffix(k), ms=3)
+                    ax.fill_between(bs, lo, hi, color=colors[op], alpha=0.2)
+                floor = sorted({(r["B"], r["floor_us"]) for r in sel if _pairs(r) == k})
+                if floor:
+                    ax.plot(*zip(*floor), color="k", ls=styles[k] if len(pairs) > 1 else "--", lw=1,
+                            label="read floor" + suffix(k))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"V={V}, {dtype}, {setting}", fontsize=9)
@@ -75,7 +91,9 @@ def plot(result: dict, path: Path) -> Path:
     fig.suptitle(f"RAST sampling step: {meta.get('device', '?')}, torch {meta.get('versions', {}).get('torch', '?')}, "
                  f"{meta.get('date', '')}", fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    # room under the panels for the legend: about 0.2 in per legend row (one line per op and K)
+    legend_rows = -(-len(labels) // 3)
+    fig.tight_layout(rect=(0, max(0.08, (0.3 + 0.2 * legend_rows) / fig.get_figheight()), 1, 0.95))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

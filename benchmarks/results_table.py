@@ -25,8 +25,9 @@ def _header(meta: dict) -> str:
 
 
 def sampler_table(result: dict) -> str:
-    """One row per (dtype, setting, V, B): median us of each op, floor, our speedups. On CPU each cell
-    is "wall / process-CPU" time (the CPU time is steadier on a shared machine)."""
+    """One row per (dtype, setting, K, V, B): median us of each op, floor, our speedups. On CPU each cell
+    is "wall / process-CPU" time (the CPU time is steadier on a shared machine). K is the number of expert
+    pairs (results written before the K rows existed have K = 1)."""
     rows = result["rows"]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     cols = [op for op in ("rast_sample", "rast_sample_reference", "hf_chain", "flashinfer_top_k_top_p_from_logits")
@@ -37,9 +38,9 @@ def sampler_table(result: dict) -> str:
     unit = "us (wall / CPU)" if cpu else "us"
     backend = next((r["backend"] for r in rows if r["op"] == "rast_sample"), "?")
     lines = [_header(result["meta"]),
-             "| dtype | setting | V | B | " + " | ".join(f"{names[c]} {unit}" for c in cols)
+             "| dtype | setting | K | V | B | " + " | ".join(f"{names[c]} {unit}" for c in cols)
              + " | floor us | ours vs reference | ours vs HF chain |",
-             "|" + "---|" * (4 + len(cols) + 3)]
+             "|" + "---|" * (5 + len(cols) + 3)]
 
     def cell(r):
         if not r or r.get("median_us") is None:
@@ -52,8 +53,11 @@ def sampler_table(result: dict) -> str:
             return "-"
         return f"{wall:.1f}x / {c:.1f}x" if cpu and c is not None else f"{wall:.1f}x"
 
-    for key in sorted({(r["dtype"], r["setting"], r["V"], r["B"]) for r in rows}):
-        sel = {r["op"]: r for r in rows if (r["dtype"], r["setting"], r["V"], r["B"]) == key}
+    def case(r):
+        return r["dtype"], r["setting"], r.get("pairs", 1), r["V"], r["B"]
+
+    for key in sorted({case(r) for r in rows}):
+        sel = {r["op"]: r for r in rows if case(r) == key}
         ours = sel.get("rast_sample", {})
         floor = next(iter(sel.values()))["floor_us"]
         lines.append(f"| {' | '.join(map(str, key))} | " + " | ".join(cell(sel.get(c)) for c in cols)
@@ -62,7 +66,8 @@ def sampler_table(result: dict) -> str:
     reasons = sorted({f"{r['op']}: {r['skipped']}" for r in rows if r.get("skipped")})
     if reasons:
         lines.append("\nskipped: " + "; ".join(reasons))
-    lines.append(f"\n`ours` = `rast_sample` backend `auto` -> `{backend}`; medians of per-call times "
+    lines.append(f"\n`ours` = `rast_sample` backend `auto` -> `{backend}`; K expert pairs (floor: 2K + 1 inputs); "
+                 "medians of per-call times "
                  f"({result['meta'].get('timer', {}).get('clock')}"
                  + ("; wall-clock / process CPU time, speedups likewise" if cpu else "") + ").")
     return "\n".join(lines)
@@ -72,12 +77,16 @@ def decode_table(result: dict) -> str:
     meta = result["meta"]
     lines = [_header(meta),
              f"Models: {' + '.join(meta.get('models', []))} "
-             f"({meta.get('dtype')}, {_f(meta.get('weight_GB'), '.2f')} GB); "
+             f"({meta.get('dtype')}, {_f(meta.get('weight_GB'), '.2f')} GB)"
+             + (f"; second pair (`engine_2pairs`, K = 2): {' + '.join(meta['second_pair'])} "
+                f"({_f(meta.get('weight_GB_2pairs'), '.2f')} GB with the trio)" if meta.get("second_pair") else "")
+             + "; "
              f"prompt {meta.get('prompt_len')}, {meta.get('new_tokens')} new tokens "
              f"(peer loop {meta.get('peer_new_tokens')}); sampling {meta.get('sampling')}.\n",
              "| B | system | ms/token | tokens/s | vs peer loop | % of floor | note |",
              "|---|---|---|---|---|---|---|"]
-    order = ["engine", "peer_loop", "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone"]
+    order = ["engine", "engine_2pairs", "peer_loop", "base_alone_engine", "base_alone_eager", "floor", "floor_2pairs",
+             "floor_base_alone"]
     for r in sorted(result["rows"], key=lambda r: (r["B"], order.index(r["system"]) if r["system"] in order else 99)):
         note = r.get("error") or r.get("note", "")
         if "attn_implementation" in r:

@@ -16,6 +16,7 @@ import torch
 
 import baselines
 import rast_kernels
+from bench_sampler import PAIRS, make_inputs, pair_inputs
 from rast_kernels import _backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.benchmark(min_rounds=20 if ON_CUDA else 3, warmup=ON_CU
 
 
 def _sampler(impl: str):
-    """fn(base, expert, expert_base, params) for ``impl``, or skip when this machine lacks it."""
+    """fn(base, expert, expert_base, params) for ``impl`` (expert / expert_base: tensors or lists of K), or skip
+    when this machine lacks it."""
     if impl in ("auto", "torch"):
         return lambda *x, **p: rast_kernels.rast_sample(*x, **p, backend=impl)
     if impl == "triton":
@@ -49,16 +51,16 @@ def _sampler(impl: str):
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("pairs", PAIRS, ids=[f"K{k}" for k in PAIRS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("B,V", SHAPES, ids=[f"B{b}-V{v}" for b, v in SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_rast_sample_step(benchmark, impl, B, V, dtype, setting):
+def test_rast_sample_step(benchmark, impl, B, V, dtype, pairs, setting):
     fn = _sampler(impl)
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    inputs = [(torch.randn(B, V, generator=gen, device=DEVICE) * 2).to(dtype) for _ in range(3)]
+    inputs = pair_inputs(make_inputs(B, V, dtype, DEVICE, 1, seed=0, n_tensors=1 + 2 * pairs)[0], pairs)
     params = SETTINGS[setting]
-    benchmark.group = f"B={B} V={V} {str(dtype).removeprefix('torch.')} {setting}"
-    benchmark.extra_info.update(device=str(DEVICE), impl=impl)
+    benchmark.group = f"B={B} V={V} {str(dtype).removeprefix('torch.')} K={pairs} {setting}"
+    benchmark.extra_info.update(device=str(DEVICE), impl=impl, pairs=pairs)
 
     def step():
         tokens = fn(*inputs, **params)

@@ -46,7 +46,7 @@ def test_bench_sampler_quickest(tmp_path, bench_modules, capsys, monkeypatch, pl
         monkeypatch.setitem(sys.modules, "matplotlib", None)
         monkeypatch.delitem(sys.modules, "plot_sampler", raising=False)
     _main("bench_sampler", ["--device", "cpu", "--batch", "1", "3", "--vocab", "1000", "--dtypes", "bf16", "fp32",
-                            "--warmup", "1", "--repeats", "2", "--min-repeats", "1", "--budget-s", "0.01",
+                            "--pairs", "1", "2", "--warmup", "1", "--repeats", "2", "--min-repeats", "1", "--budget-s", "0.01",
                             "--copy-mib", "8", "--reference-max-elems", "2000", "--out", str(out)], capsys)
     printed = capsys.readouterr().out
     result = json.loads((out / "sampler.json").read_text())
@@ -57,10 +57,10 @@ def test_bench_sampler_quickest(tmp_path, bench_modules, capsys, monkeypatch, pl
         assert "plot skipped: matplotlib is not installed" in printed and ".[bench]" in printed
     assert {"device", "versions", "date", "copy_bandwidth_GBps"} <= set(result["meta"])
     rows = result["rows"]
-    keys = {"op", "backend", "B", "V", "dtype", "setting", "median_us", "p10", "p90", "speedup_vs_reference",
+    keys = {"op", "backend", "B", "V", "dtype", "setting", "pairs", "median_us", "p10", "p90", "speedup_vs_reference",
             "speedup_vs_hf_chain", "floor_us", "device", "torch", "triton", "date"}
-    # 2 B x 1 V x 2 dtypes x 2 settings for each of the four ops (FlashInfer listed as skipped on CPU)
-    assert len(rows) == 4 * 8
+    # 2 B x 1 V x 2 dtypes x 2 settings x 2 K for each of the four ops (FlashInfer listed as skipped on CPU)
+    assert len(rows) == 4 * 16 and result["meta"]["grid"]["pairs"] == [1, 2]
     for row in rows:
         assert keys <= set(row), keys - set(row)
         assert "error" not in row and "invalid_output" not in row, row
@@ -76,15 +76,19 @@ def test_bench_sampler_quickest(tmp_path, bench_modules, capsys, monkeypatch, pl
         assert row["cpu_median_us"] > 0
     assert {r["op"] for r in rows} == {"rast_sample", "rast_sample_reference", "hf_chain",
                                        "flashinfer_top_k_top_p_from_logits"}
-    assert len([r for r in rows if r.get("skipped")]) == 4 + 8
+    assert len([r for r in rows if r.get("skipped")]) == 8 + 16
     for r in rows:
         if r["op"] == "rast_sample_reference" and r["B"] == 1:
             assert r["speedup_vs_reference"] == pytest.approx(1.0)
         if r["op"] == "rast_sample" and r["B"] == 3:
             assert r["speedup_vs_reference"] is None and r["speedup_vs_hf_chain"] > 0
-    # floor: three [B, 1000] inputs read once over the measured copy bandwidth
-    r = next(r for r in rows if r["B"] == 3 and r["dtype"] == "fp32")
-    assert r["floor_us"] == pytest.approx(3 * 3 * 1000 * 4 / (result["meta"]["copy_bandwidth_GBps"] * 1e9) * 1e6)
+    # floor: the 2K + 1 [B, 1000] inputs read once over the measured copy bandwidth (K = 2: five inputs)
+    for K in (1, 2):
+        r = next(r for r in rows if r["B"] == 3 and r["dtype"] == "fp32" and r["pairs"] == K)
+        inputs_bytes = (2 * K + 1) * 3 * 1000 * 4
+        assert r["floor_us"] == pytest.approx(inputs_bytes / (result["meta"]["copy_bandwidth_GBps"] * 1e9) * 1e6)
+    assert {(r["pairs"], r["op"]) for r in rows if not r.get("skipped")} == \
+        {(K, op) for K in (1, 2) for op in ("rast_sample", "rast_sample_reference", "hf_chain")}
 
 
 def test_bench_decode_tiny(tmp_path, bench_modules, capsys):
@@ -133,23 +137,29 @@ def test_peer_loop_stops_rows_at_eos(bench_modules):
     assert res.tokens[0] == greedy.tokens[0][:greedy.tokens[0].index(eos) + 1]
 
 
-def test_hf_chain_draws_only_kept_tokens(bench_modules):
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_hf_chain_draws_only_kept_tokens(bench_modules, pairs):
+    """The HF-style chain (one pair, or K pairs with one weight each) draws only tokens the reference keeps."""
     baselines, _, _ = bench_modules
     from rast_kernels.ops.rast_sample_reference import combined_logits, kept_mask
 
     gen = torch.Generator().manual_seed(0)
     B, V = 4, 500
-    logits = [torch.randn(B, V + 7 * i, generator=gen) * 3 for i in range(3)]  # mismatched widths
-    z = combined_logits(*logits, 0.7, V)
+    logits = [torch.randn(B, V + 7 * i, generator=gen) * 3 for i in range(1 + 2 * pairs)]  # mismatched widths
+    if pairs == 1:
+        call, alpha = logits, 0.7
+    else:
+        call, alpha = (logits[0], logits[1:1 + pairs], logits[1 + pairs:]), [0.7, -0.4]
+    z = combined_logits(*call, alpha, V)
     keep = kept_mask(z, torch.zeros(B, dtype=torch.long), torch.full((B,), 0.8), torch.zeros(B))
     drawn = torch.zeros(B, V, dtype=torch.bool)
     g = torch.Generator().manual_seed(1)
     for _ in range(300):
-        tok = baselines.hf_chain_sample(*logits, alpha=0.7, top_p=0.8, generator=g)
+        tok = baselines.hf_chain_sample(*call, alpha=alpha, top_p=0.8, generator=g)
         drawn[torch.arange(B), tok] = True
     assert not (drawn & ~keep).any()
     assert drawn.sum() > B  # it does sample, not just argmax
-    assert torch.equal(baselines.hf_chain_sample(*logits, alpha=0.7, temperature=0.0), z.argmax(1))
+    assert torch.equal(baselines.hf_chain_sample(*call, alpha=alpha, temperature=0.0), z.argmax(1))
 
 
 def test_models_build_real_shapes_and_rotary(bench_modules):
