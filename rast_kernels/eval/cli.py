@@ -6,15 +6,23 @@ holds samples made with other settings. Then the tokenizer renders the prompts, 
 generates what ``--out`` lacks (:mod:`rast_kernels.eval.runner`), and the table is printed. Re-running the same
 command resumes; Ctrl-C loses nothing written (exit status 130).
 
+Under ``torchrun --nproc-per-node=N`` the units are split over the ``N / --tensor-parallel-size`` data-parallel
+groups (:mod:`rast_kernels.parallel`); each group writes its own part file, global rank 0 merges them into
+``samples.jsonl`` and alone prints the progress bar, the table and any option error (every rank exits with it).
+For several nodes, ``--out`` must be a directory that every node sees (a shared filesystem).
+
 Examples::
 
     python -m rast_kernels eval --toy --alpha 0 1 --base-only --expert-only --n 4 --k 1 4 --out runs/toy
     python -m rast_kernels eval --base Qwen/Qwen2.5-32B --expert my/rl-14b --expert-base Qwen/Qwen2.5-14B \\
         --dataset math500 --data math500.jsonl --alpha 0.5 1.0 --n 8 --k 1 8 --max-new-tokens 8192 --out runs/m
+    torchrun --nproc-per-node=8 -m rast_kernels eval --toy --alpha 1 --n 32 --k 1 32 --out runs/toy8
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from typing import List, Optional
@@ -71,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--diagnostics", action="store_true",
                    help="record the delta's per-token effect (argmax flips, KL, raised tokens) on base + delta rows")
     o.add_argument("--max-batch-size", type=_cli.int_range(1), default=32, help="decode slots (default 32)")
+    o.add_argument("--tensor-parallel-size", type=_cli.int_range(1), default=1, metavar="TP",
+                   help="under torchrun: ranks per base-model shard group; the world size / TP groups split the "
+                        "work (default 1: every rank is its own data-parallel group)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -164,22 +175,91 @@ def _plan(args):
     return datasets, configs, settings
 
 
+def _parallel(args):
+    """The :class:`~rast_kernels.parallel.ParallelContext` under torchrun (None in one plain process)."""
+    from ..parallel import init_parallel, launched
+
+    if not launched() and args.tensor_parallel_size == 1:
+        return None
+    try:
+        return init_parallel(args.tensor_parallel_size)
+    except ValueError as exc:
+        raise _Fail("--tensor-parallel-size", str(exc).split(": ", 1)[1])
+
+
+def _quiet():
+    """Under torchrun every rank checks the same options and finds the same errors: only rank 0 reports them."""
+    from ..parallel import launched
+
+    if not launched() or os.environ["RANK"] == "0":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
 def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    with _quiet():
+        args = parser.parse_args(argv)
+        ctx, setup = _setup(parser, args)
+    datasets, configs, settings, out, tokenizer = setup
+    rank0 = ctx is None or ctx.rank == 0
+
+    def engine_factory(models: str, max_seq_len: int, diagnostics: bool):
+        from ..engine import RastEngine
+
+        m = settings.models
+        trio = (m["base"], m["expert"], m["expert_base"]) if models == "trio" else (m[models], None, None)
+        # under torchrun each rank's models go on its own device; the TP size only when sharding (a new kwarg)
+        extra = {} if ctx is None else dict(devices=ctx.device)
+        if ctx is not None and ctx.tp_size > 1:
+            extra["tensor_parallel_size"] = ctx.tp_size
+        try:
+            return RastEngine(*trio, tokenizer=tokenizer, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                              max_seq_len=max(2, max_seq_len), diagnostics=diagnostics, **extra)
+        except (ValueError, OSError) as exc:  # e.g. tokenizers that disagree, a hub id that does not exist
+            _cli.fail(parser, "--" + ("base" if models == "trio" else models), str(exc).splitlines()[0])
+
+    from .runner import SAMPLES, run_eval
+
+    try:
+        run_eval(datasets, configs, settings, out, tokenizer=tokenizer, engine_factory=engine_factory,
+                 progress=not args.no_progress, context=ctx)
+    except KeyboardInterrupt:
+        if rank0:
+            where = os.path.join(out, SAMPLES) if ctx is None or ctx.dp_size == 1 else f"{out} (samples*.jsonl)"
+            print(f"\n{PROG}: interrupted; the samples so far are in {where}: re-run the same command to resume",
+                  file=sys.stderr)
+        return 130
+    return 0
+
+
+def _setup(parser, args):
+    """Every check before the models load -> (parallel context, (datasets, configs, settings, out, tokenizer));
+    a user error is ``parser``'s one-line exit 2."""
+    ctx = None
     try:
         datasets, configs, settings = _plan(args)
         try:
             out = _cli.output_dir(args.out)
         except argparse.ArgumentTypeError as exc:
             raise _Fail("--out", str(exc))
+        ctx = _parallel(args)
+        from ..parallel import broadcast_object
         from .runner import check_resume, read_samples
 
-        try:
-            check_resume(out, settings)
-            read_samples(out)  # a damaged samples.jsonl is found now, not after the models are loaded
-        except ValueError as exc:
-            raise _Fail("--out", str(exc).split(": ", 1)[1])
+        why = None
+        if ctx is None or ctx.rank == 0:  # one rank reads and writes run.json; every rank gets its verdict
+            try:
+                check_resume(out, settings)
+                read_samples(out, parts=True)  # a damaged samples file is found now, not after the models load
+            except ValueError as exc:
+                why = str(exc).split(": ", 1)[1]
+        why = broadcast_object(why, context=ctx)
+        if why is not None:
+            raise _Fail("--out", why)
         src = settings.models["base"] or settings.models["expert"]
         try:
             from transformers import AutoTokenizer
@@ -195,28 +275,7 @@ def _main(argv: Optional[List[str]]) -> int:
                 raise _Fail("--template", str(exc).split(": ", 1)[1])
     except _Fail as exc:
         _cli.fail(parser, *exc.args)
-
-    def engine_factory(models: str, max_seq_len: int, diagnostics: bool):
-        from ..engine import RastEngine
-
-        m = settings.models
-        trio = (m["base"], m["expert"], m["expert_base"]) if models == "trio" else (m[models], None, None)
-        try:
-            return RastEngine(*trio, tokenizer=tokenizer, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                              max_seq_len=max(2, max_seq_len), diagnostics=diagnostics)
-        except (ValueError, OSError) as exc:  # e.g. tokenizers that disagree, a hub id that does not exist
-            _cli.fail(parser, "--" + ("base" if models == "trio" else models), str(exc).splitlines()[0])
-
-    from .runner import run_eval
-
-    try:
-        run_eval(datasets, configs, settings, out, tokenizer=tokenizer, engine_factory=engine_factory,
-                 progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; the samples so far are in {os.path.join(out, 'samples.jsonl')}: "
-              "re-run the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return ctx, (datasets, configs, settings, out, tokenizer)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -16,6 +16,10 @@ Files in the output directory:
 * ``samples.jsonl`` — one line per sample, appended and flushed as each finishes (:data:`RECORD_FIELDS`);
   re-running with the same settings reads it and generates only what is missing (a torn last line from a hard
   kill is dropped). With diagnostics each line also holds ``diag`` (per-sample delta statistics).
+* ``samples.part-G.jsonl`` — under torchrun with several data-parallel groups: what group ``G`` has written so
+  far, in the same format (each group appends to its own file, so nothing is shared while running and an
+  interruption loses nothing). At the end global rank 0 appends every part's new records to ``samples.jsonl``
+  and deletes the parts; a resumed run (any number of groups, or one process) reads the parts as done.
 * ``run.json`` — the settings that decide the samples (models, template, temperature, top-p, max-new-tokens,
   seed); resuming with different ones is refused (:func:`check_resume`).
 * ``summary.json`` (metrics per configuration and dataset, diagnostics aggregates, throughput), ``table.md``
@@ -41,6 +45,7 @@ from .templates import Template
 RECORD_FIELDS = ("dataset", "problem_id", "config", "sample_index", "seed", "completion", "extracted", "correct",
                  "tokens", "finish_reason")
 SAMPLES, RUN, SUMMARY, TABLE, PLOT = "samples.jsonl", "run.json", "summary.json", "table.md", "alpha.png"
+PART_PREFIX, PART_SUFFIX = "samples.part-", ".jsonl"  # + the DP group's index: one file per group (module doc)
 KL_PERCENTILES = (50, 90, 99)
 TOP_RAISED = 10
 
@@ -127,10 +132,45 @@ def check_resume(out_dir: str, settings: Settings) -> None:
             json.dump(mine, f, indent=1)
 
 
-def read_samples(out_dir: str) -> list:
-    """The records of ``samples.jsonl``; a torn last line (a run killed mid-write) is cut from the file, so that
-    appending goes on from a whole line."""
+def part_path(out_dir: str, dp_rank: int) -> str:
+    """Where data-parallel group ``dp_rank`` writes its samples while it runs."""
+    return os.path.join(out_dir, f"{PART_PREFIX}{dp_rank}{PART_SUFFIX}")
+
+
+def part_files(out_dir: str) -> List[str]:
+    """The part files in ``out_dir`` (left by a data-parallel run not merged yet), in group order."""
+    names = [n for n in os.listdir(out_dir) if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)
+             and n[len(PART_PREFIX):-len(PART_SUFFIX)].isdigit()]
+    return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(n[len(PART_PREFIX):-len(PART_SUFFIX)]))]
+
+
+def read_samples(out_dir: str, parts: bool = False) -> list:
+    """The records of ``samples.jsonl`` (and, with ``parts``, then of every part file); a torn last line (a run
+    killed mid-write) is cut from its file, so that appending goes on from a whole line."""
+    paths = [os.path.join(out_dir, SAMPLES)] + (part_files(out_dir) if parts else [])
+    return [r for path in paths for r in _read_records(path)]
+
+
+def merge_parts(out_dir: str) -> int:
+    """Append the records of every part file that ``samples.jsonl`` lacks to it, then delete the parts; returns
+    how many were appended. Safe to repeat after a crash midway (a record already there is not appended twice)."""
     path = os.path.join(out_dir, SAMPLES)
+    have = {_key(r) for r in _read_records(path)}
+    added = 0
+    for part in part_files(out_dir):
+        with open(path, "a", encoding="utf-8") as sink:
+            for rec in _read_records(part):
+                if _key(rec) not in have:
+                    have.add(_key(rec))
+                    sink.write(json.dumps(rec) + "\n")
+                    added += 1
+            sink.flush()
+            os.fsync(sink.fileno())  # on disk before its part goes
+        os.remove(part)
+    return added
+
+
+def _read_records(path: str) -> list:
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -244,33 +284,53 @@ class _Feeder:
 
 
 def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings, out_dir: str, *, tokenizer,
-             engine_factory: Callable, progress: bool = True, log: Callable = print) -> dict:
+             engine_factory: Callable, progress: bool = True, log: Callable = print,
+             context=None) -> Optional[dict]:
     """Generate what ``out_dir`` lacks, grade it, and write the summary files (module docstring); returns the
     summary. ``engine_factory(models, max_seq_len, diagnostics)`` builds the engine of a model set (``"trio"``,
     ``"base"``, ``"expert"``); it is called only for sets with missing samples. ``tokenizer`` renders templates
-    and tokenizes prompts (the engine gets token ids) and decodes the diagnostics' tokens."""
-    check_resume(out_dir, settings)
-    done = {_key(r): r for r in read_samples(out_dir)}
+    and tokenizes prompts (the engine gets token ids) and decodes the diagnostics' tokens.
+
+    Data parallel (``context``, a :class:`~rast_kernels.parallel.ParallelContext`; default the current one): call
+    it on every rank. The (problem, configuration) units still missing are dealt round-robin over the DP groups
+    (:func:`~rast_kernels.parallel.share`); each group's leader grades and writes its part file; global rank 0
+    plans (reads what is done), merges the parts, writes the summary files and returns the summary; the other
+    ranks return None. A unit's samples do not depend on the group that made them (seeds are per problem)."""
+    from ..parallel import broadcast_object, current, gather_objects, share
+
+    ctx = context if context is not None else current()
+    dp = ctx.dp_size if ctx is not None else 1
+    rank0, leader = ctx is None or ctx.rank == 0, ctx is None or ctx.is_leader
+    done = {}
+    if rank0:  # one reader: the leaders start appending only once the plan is broadcast
+        check_resume(out_dir, settings)
+        done = {_key(r): r for r in read_samples(out_dir, parts=True)}
+    done_keys = broadcast_object(set(done) if rank0 else None, context=ctx)
     prompts = {d.name: [list(tokenizer(settings.template.render(it.input, tokenizer), add_special_tokens=True)
                              ["input_ids"]) for it in d.items] for d in datasets}
     sets = [m for m in ("trio", "base", "expert") if any(c.models == m for c in configs)]
     units = {m: [] for m in sets}
-    total = done_now = 0
+    done_now = 0
     for d in datasets:
         for i, it in enumerate(d.items):
             seed = problem_seed(settings.seed, d.name, it.id)
             for c in configs:
-                missing = [j for j in range(settings.n) if (d.name, it.id, c.name, j) not in done]
-                total += settings.n
+                missing = [j for j in range(settings.n) if (d.name, it.id, c.name, j) not in done_keys]
                 done_now += settings.n - len(missing)
                 if missing:
                     units[c.models].append(_Unit(d, i, c, seed, missing))
+    # engines sized for the whole set, as one process would size them: the same shapes for any number of groups
+    seq_len = {m: max(len(prompts[u.dataset.name][u.index]) for u in units[m]) + settings.max_new_tokens
+               for m in sets if units[m]}
+    mine = share([(m, u) for m in sets for u in units[m]], ctx)  # one deal over all sets balances the groups
+    units = {m: [u for mm, u in mine if mm == m] for m in sets}
 
     bar = None
-    if progress:
+    if progress and rank0:  # under DP: what is done plus what group 0 does
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=done_now, desc="eval", unit="sample", file=sys.stderr)
+        bar = tqdm(total=done_now + sum(len(u.missing) for _, u in mine), initial=done_now,
+                   desc="eval" if dp == 1 else f"eval [DP group 0 of {dp}]", unit="sample", file=sys.stderr)
     relevant = [r for r in done.values() if r["sample_index"] < settings.n]
     right, graded = sum(r["correct"] for r in relevant), len(relevant)
     # problems done = (problem, configuration) pairs with all n samples, for the progress bar
@@ -278,22 +338,22 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
     pairs_total = sum(len(d.items) for d in datasets) * len(configs)
     pairs_done = sum(v >= settings.n for v in per_pair.values())
     t0, tokens, loading = time.perf_counter(), 0, 0.0
-    path = os.path.join(out_dir, SAMPLES)
+    path = os.path.join(out_dir, SAMPLES) if dp == 1 else part_path(out_dir, ctx.dp_rank)
     try:
-        with open(path, "a", encoding="utf-8") as sink:
+        # only the leader of a TP group writes; its other ranks make the same engine calls (SPMD) and drop outputs
+        with open(path if leader else os.devnull, "a", encoding="utf-8") as sink:
             for m in sets:
                 if not units[m]:
                     continue
-                lens = [len(prompts[u.dataset.name][u.index]) for u in units[m]]
                 diag = settings.diagnostics and m == "trio"
                 t_make = time.perf_counter()
-                engine = engine_factory(m, max(lens) + settings.max_new_tokens, diag)
+                engine = engine_factory(m, seq_len[m], diag)
                 loading += time.perf_counter() - t_make  # tokens/s counts generation and grading, not loading
                 feeder = _Feeder(engine, units[m], lambda u: prompts[u.dataset.name][u.index], settings)
                 feeder.top_up()
                 while feeder.busy():
                     for out in engine.step():
-                        if not out.finished:
+                        if not out.finished or not leader:
                             continue
                         unit, idx = feeder.live[out.request_id]
                         j = idx[out.sample_index]
@@ -307,7 +367,6 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
                             rec["diag"] = sample_diagnostics(out.diagnostics, out.token_ids)
                         sink.write(json.dumps(rec) + "\n")
                         sink.flush()  # Ctrl-C or a crash loses nothing that was written
-                        done[_key(rec)] = rec
                         tokens += rec["tokens"]
                         right, graded = right + ok, graded + 1
                         pair = (rec["dataset"], rec["problem_id"], rec["config"])
@@ -325,9 +384,18 @@ def run_eval(datasets: List[Dataset], configs: List[Config], settings: Settings,
     finally:
         if bar is not None:
             bar.close()
+    # the end of every group's work (this waits for the slowest one); leaders report (new tokens, loading time)
+    reports = gather_objects((tokens, loading) if leader else None, context=ctx)
+    if not rank0:
+        return None
+    merge_parts(out_dir)
     wall = time.perf_counter() - t0
+    reports = [r for r in reports if r is not None]
+    tokens, loading = sum(r[0] for r in reports), max(r[1] for r in reports)  # groups load in parallel
     gen = wall - loading
-    summary = build_summary(datasets, configs, settings, list(done.values()),
+    # in key order: the summary (e.g. the order of tied top_raised tokens) must not depend on the file's order,
+    # which depends on the number of groups and on when samples finished
+    summary = build_summary(datasets, configs, settings, sorted(read_samples(out_dir), key=_key),
                             decode=lambda ids: tokenizer.decode(ids))
     summary["run"] = dict(wall_s=round(wall, 3), loading_s=round(loading, 3), new_tokens=tokens,
                           tokens_per_s=round(tokens / gen, 1) if gen > 0 and tokens else None,

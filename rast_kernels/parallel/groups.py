@@ -154,6 +154,8 @@ def init_parallel(tensor_parallel_size: Optional[int] = None, *, device=None, ti
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build "
                            f"({torch.__version__}); multi-process runs need it")
+    if is_launched and not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) % tp:
+        raise ValueError(f"tensor_parallel_size: {tp} does not divide the world size {os.environ['WORLD_SIZE']}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # NCCL and the object collectives use the current device
     if not dist.is_initialized():
