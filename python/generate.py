@@ -7,6 +7,14 @@ Examples::
     python python/generate.py --base Qwen/Qwen2.5-7B --expert ./my-rl-1.5b --expert-base Qwen/Qwen2.5-1.5B \\
         --prompt "Solve: 12 * 13 =" --max-new-tokens 64 --temperature 0.7 --top-p 0.9
 
+    # several expert pairs (one --alpha for all, or one per pair), e.g. the deltas of a 1.5B and a 0.5B RL model
+    python python/generate.py --base Qwen/Qwen2.5-7B --expert ./rl-1.5b ./rl-0.5b \
+        --expert-base Qwen/Qwen2.5-1.5B Qwen/Qwen2.5-0.5B --alpha 0.4 0.1 --prompt "Solve: 12 * 13 ="
+
+    # contrastive decoding: z = (1 + beta) z_expert - beta z_amateur over the expert's plausible tokens
+    python python/generate.py --base Qwen/Qwen2.5-7B --expert Qwen/Qwen2.5-7B --expert-base Qwen/Qwen2.5-0.5B \
+        --alpha 0.5 --base-plausibility 0.1 --temperature 0 --prompt "Solve: 12 * 13 ="
+
     # no weights at hand: build three tiny UNTRAINED random models (+ a small tokenizer) and use them;
     # the output is gibberish by construction, this only shows the pipeline working
     python python/generate.py --make-untrained /tmp/rast_tiny --prompt "hello" --max-new-tokens 16
@@ -62,8 +70,10 @@ def build_parser():
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("models")
     src.add_argument("--base", help="base model id or path (the big one)")
-    src.add_argument("--expert", help="expert model id or path (small, RL-tuned)")
-    src.add_argument("--expert-base", help="the expert's base model id or path (what the expert was tuned from)")
+    src.add_argument("--expert", nargs="+", help="expert model id(s) or path(s) (small, RL-tuned); several: one per "
+                     "expert pair")
+    src.add_argument("--expert-base", nargs="+",
+                     help="the expert's base model id or path (what the expert was tuned from); one per --expert")
     src.add_argument("--tokenizer", help="tokenizer id or path (default: the one saved with the models)")
     src.add_argument("--make-untrained", metavar="DIR", type=_cli.output_dir,
                      help="build three tiny UNTRAINED random models in DIR and use them (gibberish output)")
@@ -86,7 +96,11 @@ def build_parser():
     gen = ap.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--prompt-file", type=_cli.existing_file, help="a UTF-8 file with one prompt per line")
-    gen.add_argument("--alpha", type=_cli.finite_float, default=1.0, help="weight of the expert's delta (default 1)")
+    gen.add_argument("--alpha", type=_cli.finite_float, nargs="+", default=[1.0],
+                     help="weight of the expert's delta: one for every pair, or one per pair (default 1)")
+    gen.add_argument("--base-plausibility", type=_cli.float_range(0.0, 1.0), default=0.0,
+                     help="keep only tokens with p_base >= this times the base's top probability, in [0, 1] "
+                          "(contrastive decoding's plausibility mask; 0 = off, default)")
     gen.add_argument("--temperature", type=_cli.float_range(0.0), default=1.0,
                      help="sampling temperature, >= 0; 0 = greedy (default 1)")
     gen.add_argument("--top-k", type=_cli.int_range(0), default=0, help="keep the k most likely tokens, 0 = off (default)")
@@ -111,6 +125,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.make_untrained and not (args.base and args.expert and args.expert_base):
         ap.error("give --base, --expert and --expert-base (or --make-untrained DIR)")
+    if args.expert and args.expert_base and len(args.expert) != len(args.expert_base):
+        _cli.fail(ap, "--expert-base", f"give one per --expert ({len(args.expert)}), got {len(args.expert_base)}")
+    pairs = len(args.expert) if args.expert else 1
+    if len(args.alpha) not in (1, pairs):
+        _cli.fail(ap, "--alpha", f"give one weight or one per expert pair ({pairs}), got {len(args.alpha)}")
     if args.max_new_tokens >= args.max_seq_len:
         _cli.fail(ap, "--max-new-tokens", f"{args.max_new_tokens} leaves no room for a prompt in "
                   f"--max-seq-len {args.max_seq_len}")
@@ -139,7 +158,7 @@ def main(argv=None) -> int:
     if args.make_untrained:
         paths = make_untrained(args.make_untrained)
         print(f"[untrained random models built in {args.make_untrained}: output is meaningless]", file=sys.stderr)
-        args.base, args.expert, args.expert_base = paths["base"], paths["expert"], paths["expert_base"]
+        args.base, args.expert, args.expert_base = paths["base"], [paths["expert"]], [paths["expert_base"]]
 
     devices = None
     if args.device or args.expert_device:
@@ -149,7 +168,9 @@ def main(argv=None) -> int:
         devices = {"base": main_dev, "expert": exp_dev, "expert_base": exp_dev}
     t0 = time.perf_counter()
     try:
-        engine = RastEngine(args.base, args.expert, args.expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
+        expert, expert_base = (args.expert, args.expert_base) if len(args.expert) > 1 else \
+            (args.expert[0], args.expert_base[0])
+        engine = RastEngine(args.base, expert, expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
                             devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                             use_cuda_graph=not args.no_cuda_graph,
                             fused_decode=False if args.no_fused_decode else None,
@@ -160,7 +181,8 @@ def main(argv=None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         ap.exit(2, f"{ap.prog}: error: loading the models failed: {first}\n")
     print(f"[{engine!r} ready in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    kw = dict(alpha=args.alpha, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    kw = dict(alpha=args.alpha[0] if len(args.alpha) == 1 else args.alpha, base_plausibility=args.base_plausibility,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
     try:
         if args.stream:

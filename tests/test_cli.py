@@ -106,6 +106,8 @@ GENERATE_CASES = [
     (["--prompt-file", "/nonexistent"], "--prompt-file"), (["--device", "nonsense"], "--device"),
     (["--expert-device", "nonsense"], "--expert-device"), (["--seed", "-1"], "--seed"), (["--alpha", "inf"], "--alpha"),
     (["--stream", "--prompt", "y"], "--stream"), (["--stop", ""], "--stop"),
+    (["--expert", "b", "d"], "--expert-base"), (["--alpha", "1", "2"], "--alpha"),
+    (["--base-plausibility", "2"], "--base-plausibility"),
 ] + ([(["--device", "cuda"], "--device")] if NO_CUDA else [])
 
 

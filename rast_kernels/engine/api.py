@@ -16,6 +16,8 @@ _lock = threading.Lock()
 
 
 def _model_key(spec):
+    if isinstance(spec, (list, tuple)):  # K expert pairs
+        return ("pairs",) + tuple(_model_key(m) for m in spec)
     if isinstance(spec, (str, os.PathLike)):
         return ("path", os.fspath(spec))
     return ("object", id(spec))  # the cached engine holds the object, so the id stays valid
@@ -38,12 +40,13 @@ def rast_generate(prompts, *, base, expert, expert_base, tokenizer=None, dtype=N
     """Generate with RAST: ``z = z_base + alpha * (z_expert - z_expert_base)`` at every step.
 
     Builds a :class:`RastEngine` from ``base``, ``expert``, ``expert_base`` (model ids, local paths or
-    loaded ``PreTrainedModel`` objects) and the engine settings (``tokenizer``, ``dtype``, ``devices``,
+    loaded ``PreTrainedModel`` objects; ``expert`` / ``expert_base`` may be lists of K for K pairs, and
+    ``alpha`` then a number or a list of K weights) and the engine settings (``tokenizer``, ``dtype``, ``devices``,
     ``max_batch_size``, ``max_seq_len``, ``kv_cache_tokens``, ``block_size``, ``use_cuda_graph``,
     ``attn_implementation``, ``fused_decode``, ``overlap_models``), caches it (the last two distinct
     configurations; keyed by the model paths / object identities and the settings) and calls
     :meth:`RastEngine.generate` with ``prompts`` and ``generate_kwargs`` (``sampling_params``, or ``alpha``,
-    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``, ``stop``, ``eos_token_id``, ``n``,
+    ``base_plausibility``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``, ``stop``, ``eos_token_id``, ``n``,
     ``return_logprobs``; and ``seed``, ``progress``).
 
     Returns ``list[GenerationOutput]``, one per (prompt, sample), prompt-major (``[]`` for an empty list).

@@ -4,7 +4,7 @@ Owns
 ----
 * :class:`SlotState`: one row per decode slot, ``[num_slots]`` tensors on the sampling device (the base model's):
   the sampling parameters copied from each sequence's :class:`~.sampling_params.SamplingParams` (validated once,
-  on the host), the token to feed and its position, the generated count (= the sampler's Philox offset: the index
+  on the host; ``alpha`` is ``[num_slots, K]``, one weight per expert pair), the token to feed and its position, the generated count (= the sampler's Philox offset: the index
   of the next token), the finish state, the block table ``[num_slots, max_blocks]`` int32 shared by every model,
   and a ring ``[num_slots, RING + 1]`` of the last tokens/logprobs for the host to read (column ``RING`` is
   scratch: inert rows write there).
@@ -61,10 +61,11 @@ def delta_diagnostics(base, z, temperature, tok, vocab_size):
 class SlotState:
     """The per-slot device buffers (module docstring), ``[num_slots]`` unless noted."""
 
-    FLOAT = ("alpha", "temperature", "top_p", "min_p")
+    FLOAT = ("temperature", "top_p", "min_p", "base_plausibility")
     INT = ("top_k", "seed", "n_gen", "max_new", "tok", "pos", "finish", "err_step")
 
-    def __init__(self, num_slots: int, max_blocks: int, device, diagnostics: bool = False):
+    def __init__(self, num_slots: int, max_blocks: int, device, diagnostics: bool = False, num_pairs: int = 1):
+        self.alpha = torch.zeros((num_slots, num_pairs), dtype=torch.float32, device=device)
         for name in self.FLOAT:
             setattr(self, name, torch.zeros(num_slots, dtype=torch.float32, device=device))
         for name in self.INT:
@@ -81,7 +82,7 @@ class SlotState:
     def per_slot(self):
         """Every per-slot tensor (what a slot move copies)."""
         extra = [self.ring_diag] if self.ring_diag is not None else []
-        return [getattr(self, n) for n in self.FLOAT + self.INT] + [self.done, self.eos, self.block_table,
+        return [self.alpha] + [getattr(self, n) for n in self.FLOAT + self.INT] + [self.done, self.eos, self.block_table,
                                                                      self.ring_tok, self.ring_lp] + extra
 
 
@@ -155,7 +156,7 @@ class StepRunner:
     Parameters
     ----------
     lanes : list[Lane]
-        Base first (its device samples).
+        One per distinct model, the base first (its device samples).
     num_slots, max_blocks, block_size, max_seq_len, vocab_size : int
     use_cuda_graph : bool
         Capture the decode step per ``(batch bucket, gathered length)`` (CUDA, all lanes on one device).
@@ -163,17 +164,21 @@ class StepRunner:
         Run lanes 1.. on their own CUDA streams inside the step (joined before the sampler).
     diagnostics : bool
         Also record :data:`DIAGNOSTICS` per generated token (:func:`delta_diagnostics`).
+    pairs : list[tuple[int, int]]
+        ``(expert lane, expert-base lane)`` per expert pair (K >= 1 entries; a lane may serve several roles).
     """
 
     def __init__(self, lanes: List[Lane], num_slots: int, max_blocks: int, block_size: int, max_seq_len: int,
-                 vocab_size: int, use_cuda_graph: bool, overlap_models: bool, diagnostics: bool = False):
+                 vocab_size: int, use_cuda_graph: bool, overlap_models: bool, diagnostics: bool = False,
+                 *, pairs):
         self.lanes = lanes
+        self.pairs = list(pairs)
         self.device = lanes[0].device
         self.num_slots, self.max_blocks, self.block_size = num_slots, max_blocks, block_size
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
         self.scratch = lanes[0].cache.scratch_slot
         self.diagnostics = diagnostics
-        self.state = SlotState(num_slots, max_blocks, self.device, diagnostics)
+        self.state = SlotState(num_slots, max_blocks, self.device, diagnostics, len(self.pairs))
         self.use_cuda_graph = use_cuda_graph
         self.pad_to_buckets = use_cuda_graph  # eager runs exactly the rows it has (tests may pad on CPU)
         self.fused = all(lane.decoder is not None for lane in lanes)
@@ -231,11 +236,11 @@ class StepRunner:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, contexts: List[List[int]], owner_blocks: List[List[int]], rows: List[List[int]],
-                copies: List[tuple]) -> None:
+                copies: List[tuple], plausibility: bool = False) -> None:
         """Run the prompt forwards of ``contexts`` (left padded into one batch), writing each context's K/V into
         its owner's blocks, copy shared partial blocks (``copies``: ``(src, dst)`` block ids), and sample token
-        ``n_gen`` for every slot in ``rows[i]`` from context ``i``'s logits. The slots were loaded first
-        (:meth:`load_slots`) with ``pos = len(context)``."""
+        ``n_gen`` for every slot in ``rows[i]`` from context ``i``'s logits (``plausibility``: some slot has a base
+        plausibility above 0). The slots were loaded first (:meth:`load_slots`) with ``pos = len(context)``."""
         g = len(contexts)
         lens = [len(c) for c in contexts]
         P = max(lens)
@@ -277,7 +282,7 @@ class StepRunner:
                                   torch.tensor([c[1] for c in copies], device=dev))
         which = torch.tensor([i for i, r in enumerate(rows) for _ in r], dtype=torch.int64, device=self.device)
         slots = torch.tensor([s for r in rows for s in r], dtype=torch.int64, device=self.device)
-        self._sample_update(slots, [lg.index_select(0, which) for lg in logits], advance=False)
+        self._sample_update(slots, [lg.index_select(0, which) for lg in logits], False, plausibility)
 
     @staticmethod
     def _forward(lane: Lane, **kwargs) -> torch.Tensor:
@@ -287,15 +292,16 @@ class StepRunner:
         return logits[:, -1, :]
 
     # ------------------------------------------------------------------ decode
-    def decode(self, b: int, gathered: int, steps: int) -> None:
+    def decode(self, b: int, gathered: int, steps: int, plausibility: bool = False) -> None:
         """Run ``steps`` decode steps for rows ``[0, b)`` (``gathered``: a :func:`kv_bucket` covering every row's
         cache in the window: transformers' forward reads that many positions, the eager fused forward that many
-        blocks of the table; captured fused steps read each row's own blocks, whatever the bucket): graph replays
-        on CUDA, else eager."""
+        blocks of the table; captured fused steps read each row's own blocks, whatever the bucket;
+        ``plausibility``: some row has a base plausibility above 0, else the sampler skips that filter): graph
+        replays on CUDA, else eager."""
         b = next(x for x in self.buckets if x >= b) if self.use_cuda_graph or self.pad_to_buckets else b
         # the fused forward's paged kernel needs no length bucket in a graph (it reads each row's own blocks);
         # run eagerly, it gets the bucket too, so the PyTorch reference gathers only that many positions
-        key = (b, 0 if self.fused and self.use_cuda_graph else gathered)
+        key = (b, 0 if self.fused and self.use_cuda_graph else gathered, bool(plausibility))
         for lane in self.lanes:  # another engine sharing a model object may have switched its attention
             set_attn_implementation(lane.model, lane.attn, lane.role)
         graph = self._graph(*key) if self.use_cuda_graph else None
@@ -305,7 +311,7 @@ class StepRunner:
             else:
                 self._decode_step(*key)
 
-    def _decode_step(self, b: int, gathered: int) -> None:
+    def _decode_step(self, b: int, gathered: int, plausibility: bool) -> None:
         """One lockstep decode step of rows ``[0, b)`` (module docstring: the invariants)."""
         st, bs = self.state, self.block_size
         active = ~st.done[:b]
@@ -331,7 +337,7 @@ class StepRunner:
         for stream in self._streams:
             if stream is not None:
                 main.wait_stream(stream)  # join before the sampler reads the logits
-        self._sample_update(slice(0, b), logits, advance=True)
+        self._sample_update(slice(0, b), logits, True, plausibility)
 
     def _lane_step(self, lane: Lane, b: int, gathered: int, slot, lens, gidx, valid) -> torch.Tensor:
         """One model's decode forward for rows ``[0, b)``: ``[b, V]`` logits on the sampling device (``gathered``:
@@ -356,17 +362,29 @@ class StepRunner:
             cache.write_slots = cache.gather_index = None
         return lg.to(self.device, non_blocking=True)
 
-    def _sample_update(self, rows, logits: list, advance: bool) -> None:
+    def _combination(self, logits: list, rows) -> tuple:
+        """``(base, expert, expert_base, alpha)`` for :func:`rast_sample` from the lanes' logits: single tensors
+        and ``alpha [b]`` for one pair (the single-pair call), lists of K and ``alpha [b, K]`` for several."""
+        alpha = self.state.alpha[rows]
+        experts = [logits[e] for e, _ in self.pairs]
+        expert_bases = [logits[eb] for _, eb in self.pairs]
+        if len(self.pairs) == 1:
+            return logits[0], experts[0], expert_bases[0], alpha[:, 0]
+        return logits[0], experts, expert_bases, alpha
+
+    def _sample_update(self, rows, logits: list, advance: bool, plausibility: bool) -> None:
         """Sample one token for each slot in ``rows`` and do the bookkeeping (device only). ``rows``: a slice
         ``[0, b)`` (a decode step: views, in-place writes) or an int64 device tensor of slots (a prefill).
-        ``advance``: the sampled token is one position past ``pos`` (a decode step) rather than at ``pos`` (a
-        prefill, whose host set ``pos`` to the context length)."""
+        ``logits``: ``[b, >= V]`` per lane. ``advance``: the sampled token is one position past ``pos`` (a decode
+        step) rather than at ``pos`` (a prefill, whose host set ``pos`` to the context length).
+        ``plausibility``: apply the rows' base plausibility (else the sampler skips that pass)."""
         st = self.state
-        three = logits if len(logits) == 3 else logits * 3  # base alone: base + alpha * (base - base) == base
+        base, expert, expert_base, alpha = self._combination(logits, rows)
         n_gen = st.n_gen[rows]
-        tok, lp = rast_sample(*three, alpha=st.alpha[rows], temperature=st.temperature[rows], top_k=st.top_k[rows],
-                              top_p=st.top_p[rows], min_p=st.min_p[rows], vocab_size=self.vocab_size,
-                              seed=st.seed[rows], offset=n_gen, return_logprobs=True)
+        tok, lp = rast_sample(base, expert, expert_base, alpha=alpha, temperature=st.temperature[rows],
+                              top_k=st.top_k[rows], top_p=st.top_p[rows], min_p=st.min_p[rows],
+                              vocab_size=self.vocab_size, seed=st.seed[rows], offset=n_gen, return_logprobs=True,
+                              base_plausibility=st.base_plausibility[rows] if plausibility else 0.0)
         done = st.done[rows]
         active = ~done
         ok = tok >= 0
@@ -376,8 +394,8 @@ class StepRunner:
         st.ring_tok.index_put_((index, col), torch.where(active, tok, -1))
         st.ring_lp.index_put_((index, col), lp)
         if st.ring_diag is not None:
-            z = combined_logits(*three, st.alpha[rows], self.vocab_size)
-            st.ring_diag.index_put_((index, col), delta_diagnostics(three[0], z, st.temperature[rows], tok,
+            z = combined_logits(base, expert, expert_base, alpha, self.vocab_size)
+            st.ring_diag.index_put_((index, col), delta_diagnostics(base, z, st.temperature[rows], tok,
                                                                     self.vocab_size))
         n_new = n_gen + good.long()
         eos = good & (tok.unsqueeze(1) == st.eos[rows]).any(1)
@@ -398,11 +416,12 @@ class StepRunner:
             st.pos[rows] = new_pos
 
     # ------------------------------------------------------------------ graphs
-    def _graph(self, b: int, gathered: int):
-        """The captured decode step for ``(b, gathered)`` (captured once). Warm-up and capture run with every
+    def _graph(self, b: int, gathered: int, plausibility: bool):
+        """The captured decode step for ``(b, gathered, plausibility)`` (captured once). Warm-up and capture run with every
         row made inert (``done`` saved and restored), so they change no slot's state whatever is running."""
-        if (b, gathered) in self._graphs:
-            return self._graphs[b, gathered]
+        key = (b, gathered, plausibility)
+        if key in self._graphs:
+            return self._graphs[key]
         if self._workspace is None:
             self._workspace = self._reserve_sampler_workspace()
         saved = self.state.done.clone()
@@ -411,7 +430,7 @@ class StepRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # compiles the kernels and sizes transformers' / our caches' temporaries
-                self._decode_step(b, gathered)
+                self._decode_step(*key)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
@@ -419,10 +438,10 @@ class StepRunner:
         # one memory pool for all of this engine's graphs: a step keeps nothing alive in it between replays
         # (all state lives in the static buffers allocated outside), and replays never overlap
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._decode_step(b, gathered)
+            self._decode_step(*key)
         self.state.done.copy_(saved)
         torch.cuda.synchronize(self.device)
-        self._graphs[b, gathered] = graph
+        self._graphs[key] = graph
         return graph
 
     def _reserve_sampler_workspace(self):

@@ -45,8 +45,8 @@ from .cache import BlockAllocator
 from .detokenize import IncrementalText, final_text
 from .device_step import DIAGNOSTICS, EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
 from .fused_decode import onednn_linear_available, unsupported_reason
-from .loading import (ROLES, check_sliding_window, check_tokenizers, find_model_tokenizer, load_model,
-                      load_tokenizer, model_vocab_widths, resolve_devices, resolve_dtype)
+from .loading import (check_sliding_window, check_tokenizers, find_model_tokenizer, load_model, load_tokenizer,
+                      model_identity, model_vocab_widths, resolve_devices, resolve_dtype, role_names)
 from .outputs import GenerationOutput
 from .sampling_params import FIELDS as PARAM_FIELDS
 from .sampling_params import MAX_EOS_IDS, SamplingParams, sample_seed
@@ -64,6 +64,25 @@ def _int_arg(name, value, low):
     return int(value)
 
 
+def _pair_specs(expert, expert_base) -> tuple:
+    """``(experts, expert_bases)``: two lists of K model specs (K = 0: the base alone)."""
+    if (expert is None) != (expert_base is None):
+        raise ValueError("expert, expert_base: give both (RAST) or neither (the base model alone)")
+    if expert is None:
+        return [], []
+    many = [isinstance(x, (list, tuple)) for x in (expert, expert_base)]
+    if many[0] != many[1]:
+        raise ValueError("expert, expert_base: give two lists of the same length (one entry per pair) or two models")
+    if not many[0]:
+        return [expert], [expert_base]
+    if len(expert) != len(expert_base):
+        raise ValueError(f"expert, expert_base: the lists must pair up, got {len(expert)} experts and "
+                         f"{len(expert_base)} expert bases")
+    if not expert:
+        raise ValueError("expert, expert_base: empty lists; give at least one pair, or None for the base alone")
+    return list(expert), list(expert_base)
+
+
 class RastEngine:
     """Three causal LMs decoded in lockstep with the fused RAST sampler, from a paged KV cache.
 
@@ -74,15 +93,20 @@ class RastEngine:
         is moved/cast **in place**, put in eval mode and switched to its attention implementation (with
         ``fused_decode``, its q/k/v and gate/up weights also become row views of one concatenated tensor each:
         same values, no extra memory). ``expert=None, expert_base=None`` decodes the base model alone with the
-        same machinery (the baseline RAST is measured against). Models of different families are fine as long as
-        they share the tokenizer's token-id mapping and their embedding / LM-head widths are ``>= len(tokenizer)``.
+        same machinery (the baseline RAST is measured against). ``expert`` and ``expert_base`` may also be two
+        lists of K models (K expert pairs: ``z = z_base + sum_i alpha_i * (z_expert_i - z_expert_base_i)``; roles
+        ``expert[i]`` / ``expert_base[i]``). A model given in several roles (the same object, or the same path,
+        e.g. ``expert=base`` for contrastive decoding) is loaded once and run once per step. Models of different
+        families are fine as long as they share the tokenizer's token-id mapping and their embedding / LM-head
+        widths are ``>= len(tokenizer)``.
     tokenizer : tokenizer, str or None
         The shared tokenizer (object, id or path). Default: the one saved with the models; every tokenizer found
         must map the same tokens to the same ids, else ``ValueError`` naming the first difference.
     dtype : torch.dtype, str or None
         None: bfloat16 on CUDA; on CPU a loaded model keeps its dtype and a path loads in float32.
     devices : None, device or dict
-        ``{"base": ..., "expert": ..., "expert_base": ...}``; default: all on the first GPU, else CPU. Logit rows
+        ``{"base": ..., "expert": ..., "expert_base": ...}`` (with several pairs also ``"expert[i]"`` keys;
+        ``"expert"`` / ``"expert_base"`` then apply to every pair); default: all on the first GPU, else CPU. Logit rows
         are moved to the base model's device for sampling; models on different devices run eagerly.
     max_batch_size : int
         Decode slots: sequences decoded at once (more requests wait in the queue).
@@ -149,38 +173,49 @@ class RastEngine:
                                  ("overlap_models", overlap_models, False), ("diagnostics", diagnostics, False)):
             if not isinstance(v, bool) and not (none_ok and v is None):
                 raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
-        self.devices = resolve_devices(devices)
+        experts, expert_bases = _pair_specs(expert, expert_base)
+        self.num_pairs = len(experts)  # 0: the base alone
+        self.roles = role_names(self.num_pairs)
+        self.devices = resolve_devices(devices, self.roles)
         self.device = self.devices["base"]  # where sampling and bookkeeping run
-
-        if (expert is None) != (expert_base is None):
-            raise ValueError("expert, expert_base: give both (RAST) or neither (the base model alone)")
-        self.roles = ROLES if expert is not None else ("base",)
-        specs = dict(base=base, expert=expert, expert_base=expert_base)
-        self.models = {}
+        specs = dict(zip(self.roles, [base] + [m for pair in zip(experts, expert_bases) for m in pair]))
+        # a model given in several roles (the same object or path, e.g. expert=base for contrastive decoding)
+        # is loaded once and run once per step: `self.lane_roles` holds the first role of each distinct model
+        self.models, self.shared, first_of = {}, {}, {}
         for role in self.roles:
+            key = model_identity(specs[role])
+            if key in first_of:
+                first = first_of[key]
+                if self.devices[role] != self.devices[first]:
+                    raise ValueError(f"devices: {role} is the same model as {first} but is placed on "
+                                     f"{self.devices[role]}, not {self.devices[first]}")
+                self.models[role], self.shared[role] = self.models[first], first
+                continue
+            first_of[key] = role
             dev = self.devices[role]
             self.models[role] = load_model(specs[role], role, dev, resolve_dtype(dtype, dev), attn_implementation)
             check_sliding_window(self.models[role], role, self.max_seq_len)
+        self.lane_roles = tuple(first_of.values())
         self.attn = {role: self.models[role].config._attn_implementation for role in self.roles}
 
         found = {}
         if tokenizer is not None:
             found["the given"] = load_tokenizer(tokenizer, "tokenizer")
-        for role in self.roles:
+        for role in self.lane_roles:
             found[role] = find_model_tokenizer(specs[role], self.models[role])
         check_tokenizers(found)
         self.tokenizer = next((t for t in found.values() if t is not None), None)
         if self.tokenizer is None:
             raise ValueError("tokenizer: none given and none found with the models; pass tokenizer=...")
         self.vocab_size = len(self.tokenizer)
-        for role in self.roles:
+        for role in self.lane_roles:
             n_in, n_out = model_vocab_widths(self.models[role])
             if min(n_in, n_out) < self.vocab_size:
                 raise ValueError(f"{role}: embedding / LM-head widths ({n_in}, {n_out}) are smaller than the "
                                  f"tokenizer's {self.vocab_size} tokens")
         self._default_eos = self._model_eos_ids()
 
-        reasons = {role: unsupported_reason(self.models[role]) for role in self.roles}
+        reasons = {role: unsupported_reason(self.models[role]) for role in self.lane_roles}
         if fused_decode is None:
             fused_decode = not any(reasons.values()) and (
                 _backends.has_triton() if self.device.type == "cuda" else self._cpu_fused_pays_off())
@@ -192,17 +227,20 @@ class RastEngine:
 
         one_device = len({self.devices[r] for r in self.roles}) == 1
         self.use_cuda_graph = bool(use_cuda_graph and self.device.type == "cuda" and one_device)
-        overlap = bool(overlap_models and self.device.type == "cuda" and one_device and len(self.roles) > 1)
+        overlap = bool(overlap_models and self.device.type == "cuda" and one_device and len(self.lane_roles) > 1)
         self.overlap_models = overlap
 
         self.kv_cache_tokens = kv_cache_tokens or self._default_pool_tokens(gpu_memory_utilization)
         num_blocks = self.kv_cache_tokens // self.block_size
         self.allocator = BlockAllocator(num_blocks, self.block_size)
         lanes = [make_lane(role, self.models[role], self.devices[role], self.attn[role], num_blocks, self.block_size,
-                           self.max_seq_len, fused_decode) for role in self.roles]
+                           self.max_seq_len, fused_decode) for role in self.lane_roles]
+        lane_of = {role: self.lane_roles.index(self.shared.get(role, role)) for role in self.roles}
+        # (expert lane, expert-base lane) per pair; the base alone samples base + alpha * (base - base) == base
+        pairs = [(lane_of[e], lane_of[eb]) for e, eb in zip(self.roles[1::2], self.roles[2::2])] or [(0, 0)]
         max_blocks = -(-self.max_seq_len // self.block_size)
         self.runner = StepRunner(lanes, self.max_batch_size, max_blocks, self.block_size, self.max_seq_len,
-                                 self.vocab_size, self.use_cuda_graph, overlap, diagnostics)
+                                 self.vocab_size, self.use_cuda_graph, overlap, diagnostics, pairs=pairs)
         self.diagnostics = diagnostics
         self.scheduler = Scheduler(self.max_batch_size, self.allocator, self.max_seq_len, scheduling)
         # host polls: every `poll_interval` decode steps; with `defer_polls` a snapshot is read one window later
@@ -237,7 +275,7 @@ class RastEngine:
         models of at least :data:`CPU_FUSED_MIN_BYTES` in all. Measured on the 2-core development VM
         (``benchmarks/RESULTS.md``): Qwen2.5-1.5B + 2 x 0.5B 463 vs 752 ms per step at B=1; the 4 MB toy trio
         5.1 vs 3.4 ms (per-op overhead dominates there)."""
-        params = [p for m in self.models.values() for p in m.parameters()]
+        params = [p for r in self.lane_roles for p in self.models[r].parameters()]
         return all(p.dtype == torch.float32 for p in params) and onednn_linear_available() and \
             sum(p.numel() * p.element_size() for p in params) >= CPU_FUSED_MIN_BYTES
 
@@ -246,7 +284,7 @@ class RastEngine:
         if self.device.type != "cuda":
             return cap
         per_token = 0
-        for role in self.roles:
+        for role in self.lane_roles:
             layers, kv, head_dim = kv_geometry(self.models[role])
             per_token += 2 * layers * kv * head_dim * next(self.models[role].parameters()).element_size()
         free, total = torch.cuda.mem_get_info(self.device)
@@ -308,6 +346,10 @@ class RastEngine:
             raise ValueError(f"{name}: {len(ids)} prompt tokens + max_new_tokens={params.max_new_tokens} need {need} "
                              f"KV blocks of {self.block_size}, the pool has {self.allocator.num_blocks} "
                              f"(kv_cache_tokens={self.kv_cache_tokens})")
+        if isinstance(params.alpha, tuple):
+            if self.num_pairs == 0:
+                raise ValueError("alpha: a list of weights needs expert pairs; this engine decodes the base alone")
+            params.pair_alphas(self.num_pairs)  # raises on a length mismatch
         eos = self._default_eos if params.eos_token_id is None else list(params.eos_token_id)
         for e in eos:
             if e >= self.vocab_size:
@@ -423,7 +465,8 @@ class RastEngine:
                                    for j in range(n, len(s.blocks))])
                 b = sched.active_rows()
                 need = max(min(s.kv_upper + k, s.max_kv + 1) for s in sched.running)
-                runner.decode(b, kv_bucket(need, self.max_seq_len), k)
+                plausibility = any(s.request.params.base_plausibility > 0 for s in sched.running)
+                runner.decode(b, kv_bucket(need, self.max_seq_len), k, plausibility)
                 for s in sched.running:
                     s.kv_upper = min(s.kv_upper + k, s.max_kv)
                 owners = [(s, s.epoch) if s is not None else (None, 0) for s in sched.slots[:b]]
@@ -451,23 +494,23 @@ class RastEngine:
 
     # ------------------------------------------------------------------ host side of a step
     def _prefill(self, groups) -> None:
-        slots, fields, blocks = [], {n: [] for n in ("alpha", "temperature", "top_k", "top_p", "min_p", "seed",
-                                                     "n_gen", "max_new", "tok", "pos", "finish", "err_step",
-                                                     "done", "eos")}, []
+        slots, blocks, fields = [], [], {}
+        pairs = max(1, self.num_pairs)  # the base alone: one (base, base) pair
         for g in groups:
             for seq in g.sequences:
                 p = seq.request.params
                 slots.append(seq.slot)
                 blocks.append(seq.blocks)
-                for name, value in (("alpha", p.alpha), ("temperature", p.temperature), ("top_k", p.top_k),
-                                    ("top_p", p.top_p), ("min_p", p.min_p), ("seed", seq.seed),
-                                    ("n_gen", len(seq.tokens)), ("max_new", p.max_new_tokens), ("tok", 0),
-                                    ("pos", len(g.context)), ("finish", 0), ("err_step", -1), ("done", False),
-                                    ("eos", seq.request.eos)):
-                    fields[name].append(value)
+                for name, value in (("alpha", p.pair_alphas(pairs)), ("base_plausibility", p.base_plausibility),
+                                    ("temperature", p.temperature), ("top_k", p.top_k), ("top_p", p.top_p),
+                                    ("min_p", p.min_p), ("seed", seq.seed), ("n_gen", len(seq.tokens)),
+                                    ("max_new", p.max_new_tokens), ("tok", 0), ("pos", len(g.context)),
+                                    ("finish", 0), ("err_step", -1), ("done", False), ("eos", seq.request.eos)):
+                    fields.setdefault(name, []).append(value)
         self.runner.load_slots(slots, fields, blocks)
         self.runner.prefill([g.context for g in groups], [g.sequences[0].blocks for g in groups],
-                            [[s.slot for s in g.sequences] for g in groups], [c for g in groups for c in g.copies])
+                            [[s.slot for s in g.sequences] for g in groups], [c for g in groups for c in g.copies],
+                            plausibility=any(v > 0 for v in fields["base_plausibility"]))
 
     def _process(self, snap, updates: dict) -> None:
         """Read a snapshot: new tokens, finished rows, stop strings."""

@@ -46,21 +46,49 @@ def _parse_device(key: str, value) -> torch.device:
     return dev
 
 
-def resolve_devices(devices) -> dict:
-    """``devices``: None (all on :func:`default_device`), one device for all three, or a dict with keys
-    among ``base``, ``expert``, ``expert_base`` (missing keys: the default device).
-    Returns ``{role: torch.device}``."""
+def role_names(num_pairs: int) -> tuple:
+    """The engine's roles for ``num_pairs`` expert pairs: ``("base",)`` for none, :data:`ROLES` for one, and
+    ``base, expert[0], expert_base[0], expert[1], ...`` for several."""
+    if num_pairs <= 1:
+        return ROLES[:1 + 2 * num_pairs]
+    return ("base",) + tuple(f"{r}[{i}]" for i in range(num_pairs) for r in ROLES[1:])
+
+
+def role_group(role: str) -> str:
+    """``expert[1]`` -> ``expert``: the ``devices`` key that applies to every pair."""
+    return role.split("[", 1)[0]
+
+
+def resolve_devices(devices, roles=ROLES) -> dict:
+    """``devices``: None (all on :func:`default_device`), one device for every role, or a dict keyed by roles
+    (``base``, ``expert``, ``expert_base``; with several pairs also ``expert[i]`` / ``expert_base[i]``, while
+    ``expert`` / ``expert_base`` then apply to every pair); missing keys: the default device.
+    Returns ``{role: torch.device}`` for ``roles``."""
     if devices is None:
-        return {r: default_device() for r in ROLES}
+        return {r: default_device() for r in roles}
     if isinstance(devices, (str, torch.device)):
         dev = _parse_device("*", devices)
-        return {r: dev for r in ROLES}
+        return {r: dev for r in roles}
     if not isinstance(devices, Mapping):
         raise TypeError(f"devices: expected None, a device or a dict {{role: device}}, got {type(devices).__name__}")
+    allowed = list(dict.fromkeys([*ROLES, *roles]))
     for key in devices:
-        if key not in ROLES:
-            raise ValueError(f"devices: unknown key {key!r}; expected keys among {ROLES}")
-    return {r: _parse_device(r, devices[r]) if r in devices else default_device() for r in ROLES}
+        if key not in allowed:
+            raise ValueError(f"devices: unknown key {key!r}; expected keys among {tuple(allowed)}")
+    out = {}
+    for r in roles:
+        key = r if r in devices else role_group(r)
+        out[r] = _parse_device(key, devices[key]) if key in devices else default_device()
+    return out
+
+
+def model_identity(spec) -> tuple:
+    """What makes two model specs the same model for the engine (it then runs it once per step): the same
+    object, or the same local directory / hub id."""
+    if isinstance(spec, (str, os.PathLike)):
+        path = os.fspath(spec)
+        return ("path", os.path.realpath(path)) if os.path.exists(path) else ("id", path)
+    return ("object", id(spec))
 
 
 def resolve_dtype(dtype, device: torch.device) -> Optional[torch.dtype]:

@@ -44,8 +44,10 @@ class SamplingParams:
 
     Attributes
     ----------
-    alpha : float
-        Weight of the expert's delta: ``z = z_base + alpha * (z_expert - z_expert_base)`` (finite).
+    alpha : float or sequence of float
+        Weight of the expert's delta: ``z = z_base + alpha * (z_expert - z_expert_base)`` (finite). With K expert
+        pairs, ``z = z_base + sum_i alpha_i * (z_expert_i - z_expert_base_i)``: one number for every pair, or K
+        numbers (stored as a tuple; the engine checks the length against its pairs).
     temperature : float
         ``>= 0``; ``0`` is greedy (the filters and the seed are then irrelevant).
     top_k : int
@@ -67,9 +69,13 @@ class SamplingParams:
         ``>= 1`` samples of the prompt; the prompt is prefilled once for samples admitted together.
     return_logprobs : bool
         Fill :attr:`GenerationOutput.logprobs`.
+    base_plausibility : float
+        In ``[0, 1]``; ``0`` is off. Keep only tokens whose probability under the base model alone (softmax at
+        temperature 1) is at least this fraction of the base's most probable token's, before temperature and the
+        filters (contrastive decoding's plausibility constraint; :func:`rast_kernels.rast_sample`).
     """
 
-    alpha: float = 1.0
+    alpha: Union[float, Sequence[float]] = 1.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -80,12 +86,21 @@ class SamplingParams:
     seed: Optional[int] = None
     n: int = 1
     return_logprobs: bool = False
+    base_plausibility: float = 0.0
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
-        alpha = _number("alpha", self.alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha: must be a finite number, got {self.alpha!r}")
+        if isinstance(self.alpha, (list, tuple)):
+            if not self.alpha:
+                raise ValueError("alpha: a list of weights must not be empty (one per expert pair)")
+            alpha = tuple(_number(f"alpha[{i}]", a) for i, a in enumerate(self.alpha))
+        else:
+            alpha = _number("alpha", self.alpha)
+        if not all(math.isfinite(a) for a in (alpha if isinstance(alpha, tuple) else (alpha,))):
+            raise ValueError(f"alpha: must be finite, got {self.alpha!r}")
+        plaus = _number("base_plausibility", self.base_plausibility)
+        if not 0 <= plaus <= 1:
+            raise ValueError(f"base_plausibility: must be in [0, 1], got {self.base_plausibility!r}")
         temperature = _number("temperature", self.temperature)
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
@@ -132,13 +147,22 @@ class SamplingParams:
                 raise ValueError(f"seed: must be an int64, got {self.seed!r}")
         if not isinstance(self.return_logprobs, bool):
             raise TypeError(f"return_logprobs: expected a bool, got {type(self.return_logprobs).__name__}")
-        for name, value in dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        for name, value in dict(alpha=alpha, base_plausibility=plaus, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 max_new_tokens=max_new, n=n, stop=tuple(stop), eos_token_id=eos, seed=seed).items():
             put(name, value)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def pair_alphas(self, num_pairs: int) -> Tuple[float, ...]:
+        """``alpha`` as one weight per pair for an engine with ``num_pairs`` pairs (``ValueError`` naming ``alpha``
+        when a list has another length)."""
+        if not isinstance(self.alpha, tuple):
+            return (self.alpha,) * num_pairs
+        if len(self.alpha) != num_pairs:
+            raise ValueError(f"alpha: {len(self.alpha)} weights given, the engine has {num_pairs} expert pair(s)")
+        return self.alpha
 
     def with_seed(self, seed: int) -> "SamplingParams":
         """A copy with ``seed`` set."""

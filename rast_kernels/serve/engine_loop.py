@@ -262,6 +262,8 @@ class EngineLoop:
                     counts.append(len(ids))
                 except (ValueError, TypeError) as exc:
                     msg = str(exc)
+                    if msg.startswith("alpha: "):  # a weight list that does not match the engine's expert pairs
+                        raise APIError(400, "alpha", msg)
                     for old in ("prompts[0]: ", "prompt: "):  # the engine names its own argument
                         if msg.startswith(old):
                             msg = msg[len(old):]

@@ -1,7 +1,7 @@
 """Request validation for the OpenAI-compatible endpoints: a JSON body in, a :class:`Job` spec or an
 :class:`APIError` naming the field out. Pure Python (no web framework), so it is tested directly.
 
-Spec (fields keep their OpenAI meaning; RAST adds ``alpha``, ``top_k``, ``min_p``):
+Spec (fields keep their OpenAI meaning; RAST adds ``alpha``, ``base_plausibility``, ``top_k``, ``min_p``):
 
 * ``/v1/completions``: ``prompt`` (a string, a list of strings, a list of token ids, or a list of token-id lists;
   required), ``max_tokens`` (int >= 1, default 16), ``temperature``, ``top_p``, ``n`` (int >= 1, at most
@@ -13,7 +13,9 @@ Spec (fields keep their OpenAI meaning; RAST adds ``alpha``, ``top_k``, ``min_p`
 * ``/v1/chat/completions``: ``messages`` (a non-empty list of ``{"role": str, "content": str | [text parts]}``)
   instead of ``prompt``; ``max_tokens`` / ``max_completion_tokens`` default to what fits the context;
   ``logprobs`` is a bool and ``top_logprobs`` null or 0.
-* both: ``alpha`` (finite; default: the server's), ``top_k`` (int >= 0), ``min_p`` in [0, 1], ``ignore_eos``
+* both: ``alpha`` (finite, or a list of one finite weight per expert pair; default: the server's),
+  ``base_plausibility`` in [0, 1] (contrastive decoding's plausibility mask), ``top_k`` (int >= 0), ``min_p`` in
+  [0, 1], ``ignore_eos``
   (bool: generate until ``max_tokens`` or a stop string), ``return_token_ids`` (bool: each choice also carries
   its ``token_ids``).
 
@@ -90,7 +92,7 @@ class ChatPrompt:
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "stream",
            "stream_options", "user", "frequency_penalty", "presence_penalty", "logit_bias", "alpha", "top_k", "min_p",
-           "ignore_eos", "return_token_ids"}
+           "base_plausibility", "ignore_eos", "return_token_ids"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 
@@ -329,9 +331,14 @@ def parse_request(body: dict, kind: str, limits: Limits) -> Job:
                   alpha=limits.default_alpha)
     if ignore_eos:
         kwargs["eos_token_id"] = []
-    for key in ("alpha", "temperature", "top_p", "top_k", "min_p", "seed"):
+    for key in ("alpha", "base_plausibility", "temperature", "top_p", "top_k", "min_p", "seed"):
         if body.get(key) is not None:
             v = body[key]
+            if key == "alpha" and isinstance(v, list):  # one weight per expert pair (the engine checks K)
+                if not v or not all(_is_num(a) and not (isinstance(a, int) and abs(a) > 2**53) for a in v):
+                    raise bad(key, "expected a number or a non-empty list of numbers")
+                kwargs[key] = v
+                continue
             if key in ("top_k", "seed") and not _is_int(v):
                 raise bad(key, f"expected an integer, got {_json_type(v)}")
             if not _is_num(v):

@@ -90,7 +90,7 @@ def test_decode_step_has_no_host_sync(fused, tokenizer):
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(3):
-                eng.runner._decode_step(2, 64)
+                eng.runner._decode_step(2, 64, False)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -55,27 +55,33 @@ class NoHostSync(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _running_engine(tokenizer, **kw):
+def _running_engine(tokenizer, pairs=1, plausibility=0.0, **kw):
     models = [make_model("qwen2", w, s) for w, s in zip(WIDTHS.values(), (21, 22, 23))]
-    engine = RastEngine(*models, tokenizer=tokenizer, devices="cpu", max_batch_size=4, max_seq_len=64, block_size=4,
+    if pairs == 1:
+        args = models
+    else:  # two pairs of different widths (a second pair: the expert base against the expert)
+        args = (models[0], [models[1], models[2]], [models[2], models[1]])
+    engine = RastEngine(*args, tokenizer=tokenizer, devices="cpu", max_batch_size=4, max_seq_len=64, block_size=4,
                         **kw)
     for i, p in enumerate(["the quick", "héllo wörld", "a"]):
         engine.add_request(p, SamplingParams(temperature=(1.0, 0.0, 0.8)[i], top_p=0.9, top_k=(0, 5, 0)[i],
-                                             max_new_tokens=20, eos_token_id=[], seed=i))
+                                             max_new_tokens=20, eos_token_id=[], seed=i,
+                                             alpha=1.0 if pairs == 1 else (0.5, -0.25), base_plausibility=plausibility))
     engine.step()  # admits and prefills (eager, host-driven: allowed to read the host)
     engine.step()
     assert engine.scheduler.num_running == 3
     return engine
 
 
+@pytest.mark.parametrize("pairs,plausibility", [(1, 0.0), (2, 0.1)], ids=["one_pair", "two_pairs_plausibility"])
 @pytest.mark.parametrize("fused", [False, True], ids=["transformers_forward", "fused_decode"])
-def test_decode_step_has_no_host_reads(fused, tokenizer):
-    engine = _running_engine(tokenizer, fused_decode=fused)
+def test_decode_step_has_no_host_reads(fused, pairs, plausibility, tokenizer):
+    engine = _running_engine(tokenizer, pairs, plausibility, fused_decode=fused)
     runner = engine.runner
     before = runner.state.n_gen.clone()
     mode = NoHostSync()
     with torch.no_grad(), mode:
-        runner._decode_step(4, 64)  # a padded bucket: row 3 is an empty, inert slot
+        runner._decode_step(4, 64, plausibility > 0)  # a padded bucket: row 3 is an empty, inert slot
     assert (runner.state.n_gen[:3] == before[:3] + 1).all() and runner.state.n_gen[3] == before[3]
     assert {"index_put_", "where"} <= mode.seen  # the bookkeeping (ring writes, masks) ran under the mode
 

@@ -55,6 +55,11 @@ BAD_BODIES = [
     (dict(prompt=P, top_k=10**20), "top_k"),  # SamplingParams accepts it; the engine's int64 slot rows do not
     (dict(prompt=P, alpha="a"), "alpha"),
     (dict(prompt=P, alpha=10**400), "alpha"),  # an integer no float can hold
+    (dict(prompt=P, alpha=[]), "alpha"),
+    (dict(prompt=P, alpha=[1.0, "a"]), "alpha"),
+    (dict(prompt=P, alpha=[1.0, 2.0]), "alpha"),  # two weights for the toy trio's one pair (the engine's check)
+    (dict(prompt=P, base_plausibility=1.5), "base_plausibility"),
+    (dict(prompt=P, base_plausibility="x"), "base_plausibility"),
     (dict(prompt=P, seed=2**70), "seed"),
     (dict(prompt=P, seed=1.5), "seed"),
     (dict(prompt=P, logprobs=5), "logprobs"),
@@ -346,7 +351,7 @@ def test_cli_port_in_use_fails_before_loading():
 FUZZ_VALUES = [None, True, False, 0, 1, -1, 2, 3.5, -0.0, 1e308, -1e308, 10**20, -(10**20), "", "x", "Q01=", [], [1],
                [[1]], [[]], ["a", 1], {}, {"a": 1}, [None], "\u0000", [25], [24], [-1], 0.5, 64, 4]
 FUZZ_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "stream",
-               "stream_options", "alpha", "top_k", "min_p", "ignore_eos", "return_token_ids", "echo", "best_of", "user",
+               "stream_options", "alpha", "base_plausibility", "top_k", "min_p", "ignore_eos", "return_token_ids", "echo", "best_of", "user",
                "model", "messages", "max_completion_tokens", "top_logprobs", "logit_bias", "suffix",
                "presence_penalty"]
 

@@ -19,6 +19,8 @@ def test_fields_map_to_sampling_params():
             p.return_logprobs) == (7, 0.5, 0.9, 3, ("E",), -4, 2, 0.1, (), True)
     assert p.alpha == 0.25  # the server's default alpha
     assert parse_request(dict(prompt="x", alpha=-2), "completion", LIM).params.alpha == -2
+    assert parse_request(dict(prompt="x", alpha=[0.4, 0.1]), "completion", LIM).params.alpha == (0.4, 0.1)
+    assert parse_request(dict(prompt="x", base_plausibility=0.1), "completion", LIM).params.base_plausibility == 0.1
     d = parse_request(dict(prompt="x"), "completion", LIM)
     assert (d.params.max_new_tokens, d.params.eos_token_id, d.stream) == (16, None, False)  # OpenAI's default 16
     assert parse_request(dict(prompt=[[1, 2], "ab"]), "completion", LIM).prompts == [[1, 2], "ab"]
