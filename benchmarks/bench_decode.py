@@ -13,19 +13,26 @@ and tokens/s for
 * ``engine_sdpa``: ``fused_decode=False, attn_implementation="sdpa"``: transformers' forward with SDPA and a
   mask over the cache, captured in the same graph (what graph capture alone gives);
 * ``engine_overlap``: the defaults plus ``overlap_models=True`` (the two small models on their own streams);
+* ``engine_2pairs``: the defaults with two expert pairs, ``RastEngine(base, [expert, expert_2],
+  [expert_base, expert_base_2])``: the trio plus the smaller pair of ``models.SECOND_PAIRS`` (for ``qwen``:
+  Qwen2.5-7B + the deltas of Qwen2.5-1.5B and Qwen2.5-0.5B), five models in lockstep, one sampling call;
 * ``peer_loop``: the peer baseline (``peer_loop.py``: eager HF forwards with ``DynamicCache``, the
   HF-style sampler chain, a host sync per token), timed per step;
 * ``base_alone``: the base model alone, (1) through the same engine (``RastEngine(base, None, None)``:
   same cache, graph and sampler, one forward per step) and (2) in the same eager HF loop as the peer
   baseline;
 * ``floor``: bytes of all weights of the three models read once per step over the device's copy
-  bandwidth (measured here), and the same for the base alone.
+  bandwidth (measured here), and the same for the base alone and for the five models of two pairs.
+
+Every row carries ``pairs``: the expert pairs it combines (0 for the base alone).
 
 Examples::
 
     python benchmarks/bench_decode.py --out out/                        # Qwen2.5-7B + 2 x Qwen2.5-1.5B, B=1 and 8
     python benchmarks/bench_decode.py --trio llama --batch 1 --out out/ # Llama-3.1-8B + 2 x Llama-3.2-1B
     python benchmarks/bench_decode.py --tiny --out out/                 # tiny random models on CPU (smoke)
+    python benchmarks/bench_decode.py --trio qwen-small --device cpu --dtype fp32 --systems engine engine_2pairs \
+        --batch 1 --out out/                                            # one vs two pairs on CPU
 
 Writes ``decode.json`` under ``--out``. Random weights: the numbers are about speed, not text.
 """
@@ -53,7 +60,9 @@ ENGINE_VARIANTS = {
     "engine_sdpa": dict(fused_decode=False, attn_implementation="sdpa"),
     "engine_overlap": dict(overlap_models=True),
 }
-SYSTEMS = (*ENGINE_VARIANTS, "peer_loop", "base_alone", "floor")
+SYSTEMS = (*ENGINE_VARIANTS, "engine_2pairs", "peer_loop", "base_alone", "floor")
+# the floor row of each number of pairs (0: the base alone)
+FLOORS = {0: "floor_base_alone", 1: "floor", 2: "floor_2pairs"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=_cli.int_range(1), default=None,
                    help="timed runs per system, median taken, >= 1 (default 3; 1 with --tiny)")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, help="what to time")
-    p.add_argument("--alpha", type=_cli.finite_float, default=1.0, help="weight of the expert's delta (default 1)")
+    p.add_argument("--alpha", type=_cli.finite_float, default=1.0, help="weight of each expert pair's delta (default 1)")
     p.add_argument("--temperature", type=_cli.float_range(0.0), default=1.0, help="sampling temperature, >= 0 (default 1)")
     p.add_argument("--top-p", type=_cli.float_range(0.0, 1.0, lo_open=True), default=0.95,
                    help="nucleus threshold in (0, 1] (default 0.95, as RAST's runs)")
@@ -224,15 +233,22 @@ def run(args, checkpoint=None) -> dict:
     bw = copy_bandwidth(device, args.copy_mib or (1024 if device.type == "cuda" else 64))
     t = time.perf_counter()
     trio, names = models.build_trio(None if args.tiny else args.trio, device, DTYPES[args.dtype])
+    # the second pair only when it is timed (on a GPU its two models cost memory and build time)
+    second, second_names = models.build_second_pair(None if args.tiny else args.trio, device, DTYPES[args.dtype]) \
+        if "engine_2pairs" in args.systems else ([], [])
     build_s = time.perf_counter() - t
     family = trio[0].config.model_type
     vocab_size = 470 if args.tiny else models.TOKENIZER_LEN[family]
     all_bytes, base_bytes = models.weight_bytes(*trio), models.weight_bytes(trio[0])
+    floor_bytes = {0: base_bytes, 1: all_bytes}
+    if second:
+        floor_bytes[2] = models.weight_bytes(*trio, *second)
     _use_sdpa(trio)  # the peer loop runs Hugging Face's default attention; the engine picks its own
     meta = {
         "benchmark": "decode", "device": device_name(device), "device_type": device.type, "versions": versions(),
         "date": utc_now(), "trio": "tiny" if args.tiny else args.trio, "models": names, "dtype": args.dtype,
         "weight_GB": all_bytes / 1e9, "base_weight_GB": base_bytes / 1e9, "copy_bandwidth_GBps": bw / 1e9,
+        "second_pair": second_names, "weight_GB_2pairs": floor_bytes[2] / 1e9 if second else None,
         "model_build_s": build_s, "vocab_size": vocab_size,
         "lm_head_widths": [m.get_output_embeddings().weight.shape[0] for m in trio],
         "sampling": {"alpha": args.alpha, "temperature": args.temperature, "top_p": args.top_p},
@@ -241,7 +257,8 @@ def run(args, checkpoint=None) -> dict:
         "peer_attn_implementation": "sdpa",
     }
     print(f"# {meta['device']}; {'+'.join(names)} {args.dtype}, {all_bytes / 1e9:.2f} GB of weights "
-          f"(built in {build_s:.1f} s); copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+          + (f"(second pair {'+'.join(second_names)}: {floor_bytes[2] / 1e9:.2f} GB in all) " if second else "")
+          + f"(built in {build_s:.1f} s); copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
     prompts = {B: make_prompts(B, args.prompt_len, vocab_size) for B in args.batch}
     rows = []
 
@@ -253,8 +270,8 @@ def run(args, checkpoint=None) -> dict:
         if checkpoint is not None:
             checkpoint({"meta": meta, "rows": rows})
 
-    def common(B, n=None):
-        extra = {"B": B, "prompt_len": args.prompt_len}
+    def common(B, n=None, pairs=1):
+        extra = {"B": B, "pairs": pairs, "prompt_len": args.prompt_len}
         if n is not None:
             extra["new_tokens"] = n
         return extra
@@ -262,23 +279,30 @@ def run(args, checkpoint=None) -> dict:
     # the floors cost nothing to compute; then the engine variants (the newest measurements, which a run
     # cut short must still have: the eager peer loop was already measured by the pre-project anchors),
     # then the eager baselines
+    floor_notes = {0: "weight bytes of the base model / copy bandwidth",
+                   1: "weight bytes of the three models / copy bandwidth (KV-cache reads not counted)",
+                   2: "weight bytes of the five models of two pairs / copy bandwidth (KV-cache reads not counted)"}
     for B in args.batch:
         if "floor" in args.systems:
-            rows.append({"system": "floor", **common(B), "ms_per_token": all_bytes / bw * 1e3,
-                         "note": "weight bytes of the three models / copy bandwidth (KV-cache reads not counted)"})
-            rows.append({"system": "floor_base_alone", **common(B), "ms_per_token": base_bytes / bw * 1e3,
-                         "note": "weight bytes of the base model / copy bandwidth"})
+            for pairs in (1, 0, 2):
+                if pairs in floor_bytes:
+                    rows.append({"system": FLOORS[pairs], **common(B, pairs=pairs),
+                                 "ms_per_token": floor_bytes[pairs] / bw * 1e3, "note": floor_notes[pairs]})
     finish()
-    engine_runs = []
+    engine_runs = []  # (system, RastEngine's three model arguments, its keywords, note, pairs)
     for system, kwargs in ENGINE_VARIANTS.items():
         if system in args.systems:
             engine_runs.append((system, trio, kwargs, f"RastEngine.generate {kwargs or '(defaults)'} "
-                                f"(use_cuda_graph={not args.no_cuda_graph} requested); (T(N) - T(1)) / (N - 1)"))
+                                f"(use_cuda_graph={not args.no_cuda_graph} requested); (T(N) - T(1)) / (N - 1)", 1))
+    if second:
+        engine_runs.append(("engine_2pairs", [trio[0], [trio[1], second[0]], [trio[2], second[1]]], {},
+                            f"RastEngine(base, [expert, expert_2], [expert_base, expert_base_2]) with defaults, "
+                            f"second pair {'+'.join(second_names)}", 2))
     if "base_alone" in args.systems:
         engine_runs.append(("base_alone_engine", [trio[0], None, None], {},
-                            "RastEngine(base, None, None): the base model alone through the same engine"))
+                            "RastEngine(base, None, None): the base model alone through the same engine", 0))
     tokenizer = models.placeholder_tokenizer(vocab_size)
-    for system, engine_models, engine_kwargs, note in engine_runs:
+    for system, engine_models, engine_kwargs, note, pairs in engine_runs:
         runner, runner_error = None, None
         try:
             runner = EngineRunner(engine_models, args, max(args.batch), tokenizer, **engine_kwargs)
@@ -287,11 +311,11 @@ def run(args, checkpoint=None) -> dict:
             runner_error = f"{type(exc).__name__}: {exc}"
         for B in args.batch:
             if runner is None:
-                rows.append({"system": system, **common(B, args.new_tokens), "ms_per_token": None,
+                rows.append({"system": system, **common(B, args.new_tokens, pairs), "ms_per_token": None,
                              "error": runner_error})
             else:
                 rows.append(_attempt(system, lambda: time_engine(runner, prompts[B], args.new_tokens, args.repeats),
-                                     **common(B, args.new_tokens), note=note,
+                                     **common(B, args.new_tokens, pairs), note=note,
                                      attn_implementation=_engine_attn(runner.engine),
                                      fused_decode=getattr(runner.engine, "fused_decode", None),
                                      overlap_models=getattr(runner.engine, "overlap_models", None),
@@ -315,7 +339,7 @@ def run(args, checkpoint=None) -> dict:
             rows.append(_attempt("base_alone_eager",
                                  lambda: time_base_alone_eager(trio[0], prompts[B], args.peer_new_tokens, args.repeats,
                                                                args),
-                                 **common(B, args.peer_new_tokens),
+                                 **common(B, args.peer_new_tokens, pairs=0),
                                  note="base model alone in the same eager HF loop"))
         _print_rows(rows[first_new:])
         finish()
@@ -331,12 +355,14 @@ def _print_rows(rows) -> None:
 
 
 def _add_derived(rows: list[dict]) -> None:
-    """Per batch size: decode tokens/s (all rows), speedup over the peer loop, % of the floor."""
+    """Per batch size: decode tokens/s (all rows), speedup over the peer loop (which runs one pair: not for the
+    two-pair rows), % of the floor of the row's number of pairs; engine rows: time over the base alone's, and
+    the two-pair engine's over the one-pair engine's (what the second pair costs)."""
     ms = {(r["system"], r["B"]): r.get("ms_per_token") for r in rows}
     for r in rows:
         t, B = r.get("ms_per_token"), r["B"]
-        peer = ms.get(("peer_loop", B))
-        floor = ms.get(("floor_base_alone" if r["system"].startswith(("base_alone", "floor_base")) else "floor", B))
+        peer = ms.get(("peer_loop", B)) if r["pairs"] < 2 else None
+        floor = ms.get((FLOORS[r["pairs"]], B))
         r["tokens_per_s"] = B * 1e3 / t if t else None
         if r.get("e2e_s") and r.get("new_tokens"):  # prompt + first token + decode, all rows
             r["e2e_tokens_per_s"] = B * r["new_tokens"] / r["e2e_s"]
@@ -344,6 +370,9 @@ def _add_derived(rows: list[dict]) -> None:
         alone = ms.get(("base_alone_engine", B))
         if r["system"].startswith("engine"):  # issue target: RAST within 1.6x of the base alone, same engine
             r["x_base_alone_engine"] = t / alone if t and alone else None
+        if r["system"] == "engine_2pairs":
+            one_pair = ms.get(("engine", B))
+            r["x_engine_1pair"] = t / one_pair if t and one_pair else None
         r["pct_of_floor"] = 100 * floor / t if t and floor else None
 
 

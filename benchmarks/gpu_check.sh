@@ -22,11 +22,15 @@
 #              engine against the static engine at equal KV memory, graph == eager is in the tests step;
 #              per-step time at B=8 (the static baseline from git is skipped there: no .git)  -> serving.json
 #   decode     benchmarks/bench_decode.py, Qwen2.5-7B + 2 x 1.5B, B=1, 8, 32: the engine (fused decode),
-#              the engine with transformers' forward (decode kernel / SDPA), base alone, then the eager peer
-#              loop (the pre-project anchors measured it already, so it comes last) -> decode.json
+#              the engine with transformers' forward (decode kernel / SDPA), the engine with two expert pairs
+#              (engine_2pairs: + the deltas of Qwen2.5-0.5B, five models; the step's limit is 30 s longer
+#              for it, a guess: not yet timed on a GPU),
+#              base alone, then the eager peer loop (the pre-project anchors measured it already, so it comes
+#              last) -> decode.json
 #   profile    benchmarks/profile_decode_step.py: sdpa, decode kernel, fused decode -> profile_*.json
 #              (written after each implementation)
-#   sampler    benchmarks/bench_sampler.py, full grid                -> sampler.json, sampler.png
+#   sampler    benchmarks/bench_sampler.py, full grid x K = 1, 2, 3 expert pairs, V = 152064 first (the
+#              issue's rows: a run cut by its limit keeps them)     -> sampler.json, sampler.png
 #   attention  benchmarks/bench_decode_attention.py                  -> decode_attention.json
 # The order is the priority: what is still unmeasured comes first, so a run cut by the budget keeps it.
 # Run a subset with GPU_CHECK_STEPS="install sampler" (install is needed for the compiled kernels).
@@ -234,14 +238,15 @@ main() {
     step serving 110 "$PY" benchmarks/bench_serving.py --trio qwen --requests 96 --max-batch 32 --prompt-len 64 \
         --mean-new 64 --max-new 448 --kv-tokens 4096 --step-batch 8 --systems decode_step continuous static --out "$WORK"
     collect
-    step decode 240 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
+    step decode 270 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
         --out "$WORK"
     collect
     step profile 100 "$PY" benchmarks/profile_decode_step.py --out "$WORK/profile"
     collect
     local sampler_limit=150
     [ -d /tmp/site/flashinfer ] && sampler_limit=240 # FlashInfer JIT-compiles its sampling module on first use (~1 min)
-    step sampler "$sampler_limit" "$PY" benchmarks/bench_sampler.py --full --budget-s 0.2 --out "$WORK"
+    step sampler "$sampler_limit" "$PY" benchmarks/bench_sampler.py --full --vocab 152064 128256 32000 --pairs 1 2 3 \
+        --budget-s 0.2 --out "$WORK"
     collect
     step attention 60 "$PY" benchmarks/bench_decode_attention.py --out "$WORK"
     collect

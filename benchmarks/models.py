@@ -5,7 +5,8 @@ init work), materialises it with ``to_empty`` on the target device and fills eve
 random init there, so a 7B model is ready in seconds on a GPU instead of minutes of CPU init.
 Random weights give the real shapes, bytes and kernels, not real text.
 
-Trios (base, expert, expert base) used by the decode benchmarks: :data:`TRIOS`, built by :func:`build_trio`.
+Trios (base, expert, expert base) used by the decode benchmarks: :data:`TRIOS`, built by :func:`build_trio`;
+the second expert pair of their two-pair runs: :data:`SECOND_PAIRS`, built by :func:`build_second_pair`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ TRIOS = {
     "qwen": ("Qwen2.5-7B", "Qwen2.5-1.5B", "Qwen2.5-1.5B"),
     "qwen-small": ("Qwen2.5-1.5B", "Qwen2.5-0.5B", "Qwen2.5-0.5B"),
     "llama": ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-1B"),
+}
+
+# trio -> (expert, expert_base) of a second, smaller pair: RAST's official code combines up to three pairs of
+# different sizes (for a 32B base, deltas of 14B, 7B and 1.5B models), so "qwen" with its second pair is
+# Qwen2.5-7B + the deltas of Qwen2.5-1.5B and Qwen2.5-0.5B. Llama 3 has no stored config under 1B
+SECOND_PAIRS = {
+    "qwen": ("Qwen2.5-0.5B", "Qwen2.5-0.5B"),
+    "qwen-small": ("Qwen2.5-0.5B", "Qwen2.5-0.5B"),
+    "llama": ("Llama-3.2-1B", "Llama-3.2-1B"),
 }
 
 
@@ -105,19 +115,34 @@ def build_model(config: str | PretrainedConfig, *, device="cpu", dtype=torch.bfl
 # the tiny trio of CPU smoke runs: (vocab width, name) of base, expert, expert base. Different padded widths,
 # as Qwen2.5-7B (152064) vs 1.5B (151936): the sampler sees the narrower vocab_size = 480
 TINY_TRIO = ((512, "tiny-qwen2-v512"), (480, "tiny-qwen2-v480"), (480, "tiny-qwen2-v480"))
+# the tiny trio's second pair: another width again, still above the vocabulary of 470
+TINY_SECOND_PAIR = ((488, "tiny-qwen2-v488"), (488, "tiny-qwen2-v488"))
 
 
 def build_trio(trio: str | None, device="cpu", dtype=torch.bfloat16) -> tuple[list[PreTrainedModel], list[str]]:
     """``(models, names)``: the base, expert and expert base of :data:`TRIOS` ``[trio]`` on ``device`` in
     ``dtype`` (seeds 0, 1, 2), or with ``trio=None`` the tiny Qwen2-family trio :data:`TINY_TRIO` (std 0.1)."""
-    if trio is None:
-        names = [name for _, name in TINY_TRIO]
-        configs = [tiny_config("qwen2", width) for width, _ in TINY_TRIO]
-        return [build_model(c, device=device, dtype=dtype, seed=i, std=0.1) for i, c in enumerate(configs)], names
-    if trio not in TRIOS:
+    if trio is not None and trio not in TRIOS:
         raise ValueError(f"trio: expected None or one of {sorted(TRIOS)}, got {trio!r}")
-    names = list(TRIOS[trio])
-    return [build_model(n, device=device, dtype=dtype, seed=i) for i, n in enumerate(names)], names
+    return _build(TINY_TRIO if trio is None else TRIOS[trio], device, dtype, first_seed=0)
+
+
+def build_second_pair(trio: str | None, device="cpu", dtype=torch.bfloat16) -> tuple[list[PreTrainedModel], list[str]]:
+    """``(models, names)``: the expert and expert base of :data:`SECOND_PAIRS` ``[trio]`` (seeds 3, 4: after the
+    trio's), or with ``trio=None`` the tiny trio's :data:`TINY_SECOND_PAIR`."""
+    if trio is not None and trio not in SECOND_PAIRS:
+        raise ValueError(f"trio: expected None or one of {sorted(SECOND_PAIRS)}, got {trio!r}")
+    return _build(TINY_SECOND_PAIR if trio is None else SECOND_PAIRS[trio], device, dtype, first_seed=3)
+
+
+def _build(specs, device, dtype, first_seed: int) -> tuple[list[PreTrainedModel], list[str]]:
+    """Models of stored config names, or of tiny ``(vocab width, name)`` specs (std 0.1), seeds counting up."""
+    if isinstance(specs[0], str):
+        configs, names, std = list(specs), list(specs), None
+    else:
+        configs, names, std = [tiny_config("qwen2", width) for width, _ in specs], [n for _, n in specs], 0.1
+    return [build_model(c, device=device, dtype=dtype, seed=first_seed + i, std=std)
+            for i, c in enumerate(configs)], names
 
 
 def weight_bytes(*models: torch.nn.Module) -> int:

@@ -97,16 +97,22 @@ def test_bench_decode_tiny(tmp_path, bench_modules, capsys):
     _main("bench_decode", ["--tiny", "--batch", "2", "--prompt-len", "5", "--new-tokens", "16", "--repeats", "2",
                            "--peer-new-tokens", "3", "--copy-mib", "8", "--out", str(out)], capsys)
     result = json.loads((out / "decode.json").read_text())
-    assert {"device", "versions", "weight_GB", "copy_bandwidth_GBps", "models"} <= set(result["meta"])
+    assert {"device", "versions", "weight_GB", "copy_bandwidth_GBps", "models", "second_pair"} <= set(result["meta"])
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"engine", "engine_hf_forward", "engine_sdpa", "engine_overlap", "peer_loop",
-                         "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone"}
+    assert set(rows) == {"engine", "engine_hf_forward", "engine_sdpa", "engine_overlap", "engine_2pairs", "peer_loop",
+                         "base_alone_engine", "base_alone_eager", "floor", "floor_base_alone", "floor_2pairs"}
     assert rows["engine_hf_forward"]["fused_decode"] is False and rows["engine_sdpa"]["attn_implementation"] == "sdpa"
     assert rows["engine"]["x_base_alone_engine"] > 0
+    # the two-pair engine (five models, one sampling call): its own floor, no comparison with the one-pair peer loop
+    assert {name: row["pairs"] for name, row in rows.items() if row["pairs"] != 1} == {
+        "engine_2pairs": 2, "floor_2pairs": 2, "base_alone_engine": 0, "base_alone_eager": 0, "floor_base_alone": 0}
+    assert rows["engine_2pairs"]["speedup_vs_peer"] is None and rows["engine_2pairs"]["x_engine_1pair"] > 0
+    assert rows["floor_2pairs"]["ms_per_token"] > rows["floor"]["ms_per_token"]
+    assert result["meta"]["weight_GB_2pairs"] > result["meta"]["weight_GB"]
     for name, row in rows.items():
         assert row.get("error") is None, (name, row.get("error"))
         assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0
-        assert {"B", "prompt_len", "speedup_vs_peer", "pct_of_floor", "device", "date"} <= set(row)
+        assert {"B", "pairs", "prompt_len", "speedup_vs_peer", "pct_of_floor", "device", "date"} <= set(row)
     assert rows["peer_loop"]["speedup_vs_peer"] == pytest.approx(1.0)
 
 
@@ -180,6 +186,9 @@ def test_models_build_real_shapes_and_rotary(bench_modules):
     assert models.weight_bytes(built) == sum(p.numel() * 4 for p in fresh.parameters())
     tok = models.placeholder_tokenizer(300)
     assert len(tok) == 300 and tok.eos_token_id == 299
+    assert set(models.SECOND_PAIRS) == set(models.TRIOS)  # every trio has its two-pair run (bench_decode)
+    for names in (*models.TRIOS.values(), *models.SECOND_PAIRS.values()):
+        assert set(names) <= set(models.available_configs())
 
 
 def test_bench_serving_tiny(tmp_path, bench_modules, capsys):
