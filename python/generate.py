@@ -15,6 +15,10 @@ Examples::
     python python/generate.py --base Qwen/Qwen2.5-7B --expert Qwen/Qwen2.5-7B --expert-base Qwen/Qwen2.5-0.5B \
         --alpha 0.5 --base-plausibility 0.1 --temperature 0 --prompt "Solve: 12 * 13 ="
 
+    # tensor parallel: the base sharded over 4 GPUs (the experts replicated), rank 0 prints
+    torchrun --standalone --nproc-per-node=4 python/generate.py --base meta-llama/Llama-3.1-70B \
+        --expert ./rl-8b --expert-base meta-llama/Llama-3.1-8B --prompt "Solve: 12 * 13 ="
+
     # no weights at hand: build three tiny UNTRAINED random models (+ a small tokenizer) and use them;
     # the output is gibberish by construction, this only shows the pipeline working
     python python/generate.py --make-untrained /tmp/rast_tiny --prompt "hello" --max-new-tokens 16
@@ -91,6 +95,11 @@ def build_parser():
     eng.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
     eng.add_argument("--no-fused-decode", action="store_true",
                      help="decode through transformers' forward instead of the engine's fused forward (CUDA)")
+    eng.add_argument("--tensor-parallel-size", type=_cli.int_range(1), default=None,
+                     help="shard the base model over this many torchrun ranks (default: the world size under "
+                          "torchrun, else 1); rank 0 prints")
+    eng.add_argument("--shard-experts", action="store_true",
+                     help="with tensor parallelism, shard the experts too (default: replicated on every rank)")
     eng.add_argument("--overlap-models", action="store_true",
                      help="run the two small models on their own CUDA streams (CUDA, one device)")
     gen = ap.add_argument_group("generation")
@@ -174,21 +183,24 @@ def main(argv=None) -> int:
                             devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                             use_cuda_graph=not args.no_cuda_graph,
                             fused_decode=False if args.no_fused_decode else None,
-                            overlap_models=args.overlap_models)
+                            overlap_models=args.overlap_models, tensor_parallel_size=args.tensor_parallel_size,
+                            shard_experts=args.shard_experts)
     except (OSError, ValueError) as exc:
         # a model id or path that does not load, or three models that do not fit together: the user's
         # input, so one line (transformers' messages run over several lines; the first says what failed)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         ap.exit(2, f"{ap.prog}: error: loading the models failed: {first}\n")
-    print(f"[{engine!r} ready in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    # under torchrun every rank of the TP group runs the same calls and gets the same outputs: rank 0 prints
+    say = print if engine.parallel is None or engine.parallel.rank == 0 else (lambda *a, **k: None)
+    say(f"[{engine!r} ready in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     kw = dict(alpha=args.alpha[0] if len(args.alpha) == 1 else args.alpha, base_plausibility=args.base_plausibility,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
     try:
         if args.stream:
             for piece in engine.stream(prompts[0], **kw):
-                print(piece, end="", flush=True)
-            print()
+                say(piece, end="", flush=True)
+            say()
             return 0
         t0 = time.perf_counter()
         outs = engine.generate(prompts, **kw)
@@ -198,13 +210,13 @@ def main(argv=None) -> int:
     n_tok = sum(len(o.token_ids) for o in outs)
     for p, o in zip(prompts, outs):
         if args.json:
-            print(json.dumps(dict(prompt=p, text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
+            say(json.dumps(dict(prompt=p, text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
                                   stop_reason=o.stop_reason, error=o.error, num_prompt_tokens=o.num_prompt_tokens)))
         else:
-            print(f"=== prompt: {p!r}\n{o.text}\n--- {len(o.token_ids)} tokens, finish: {o.finish_reason}"
+            say(f"=== prompt: {p!r}\n{o.text}\n--- {len(o.token_ids)} tokens, finish: {o.finish_reason}"
                   + (f" ({o.stop_reason!r})" if o.stop_reason is not None else "")
                   + (f", error: {o.error}" if o.error else ""))
-    print(f"[{n_tok} tokens in {dt:.2f} s, including the first call's setup]", file=sys.stderr)
+    say(f"[{n_tok} tokens in {dt:.2f} s, including the first call's setup]", file=sys.stderr)
     return 0
 
 

@@ -166,13 +166,17 @@ class StepRunner:
         Also record :data:`DIAGNOSTICS` per generated token (:func:`delta_diagnostics`).
     pairs : list[tuple[int, int]]
         ``(expert lane, expert-base lane)`` per expert pair (K >= 1 entries; a lane may serve several roles).
+    token_sync : callable or None
+        Under tensor parallelism: ``token_sync(tok, lp)`` overwrites the sampled tokens and log-probabilities
+        with the TP leader's, in place (device collectives), so every rank's state stays identical.
     """
 
     def __init__(self, lanes: List[Lane], num_slots: int, max_blocks: int, block_size: int, max_seq_len: int,
                  vocab_size: int, use_cuda_graph: bool, overlap_models: bool, diagnostics: bool = False,
-                 *, pairs):
+                 *, pairs, token_sync=None):
         self.lanes = lanes
         self.pairs = list(pairs)
+        self.token_sync = token_sync
         self.device = lanes[0].device
         self.num_slots, self.max_blocks, self.block_size = num_slots, max_blocks, block_size
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
@@ -385,6 +389,8 @@ class StepRunner:
                               top_k=st.top_k[rows], top_p=st.top_p[rows], min_p=st.min_p[rows],
                               vocab_size=self.vocab_size, seed=st.seed[rows], offset=n_gen, return_logprobs=True,
                               base_plausibility=st.base_plausibility[rows] if plausibility else 0.0)
+        if self.token_sync is not None:
+            self.token_sync(tok, lp)
         done = st.done[rows]
         active = ~done
         ok = tok >= 0

@@ -144,6 +144,17 @@ class RastEngine:
     overlap_models : bool
         Run the expert's and the expert base's decode forwards on their own CUDA streams (joined before the
         sampler). CUDA with all models on one device only; ignored otherwise. Default off until measured.
+    tensor_parallel_size : int or None
+        Shard the base model over this many ranks (a torchrun launch with a multiple of it as the world size;
+        :mod:`rast_kernels.parallel.tensor_parallel`: heads and MLP columns split, two all-reduces per layer, a
+        vocabulary-parallel LM head). None: the size :func:`rast_kernels.parallel.init_parallel` set up, else the
+        world size under torchrun, else 1 (no sharding). Every rank of a TP group makes the same engine calls and
+        gets the same outputs. Llama, Qwen2 and Mistral models; ``RAST_FORCE_PG=1`` runs the path as a one-rank
+        group (a check on one GPU).
+    shard_experts : bool
+        Under tensor parallelism, shard the experts and expert bases too (default: replicated on every rank; the
+        modelled trade-off is in ``benchmarks/RESULTS.md``: replication wins for small experts, sharding for an
+        8B pair at TP 8).
     diagnostics : bool
         Record per generated token, on the device inside the step (no host synchronisation), whether the delta
         moved the argmax relative to the base alone, ``KL(p_base || p_rast)`` at the row's temperature (1 for
@@ -156,7 +167,8 @@ class RastEngine:
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, scheduling: str = "continuous",
                  max_prefill_tokens: Optional[int] = None, use_cuda_graph: bool = True,
                  attn_implementation: Optional[str] = None, fused_decode: Optional[bool] = None,
-                 overlap_models: bool = False, diagnostics: bool = False):
+                 overlap_models: bool = False, diagnostics: bool = False,
+                 tensor_parallel_size: Optional[int] = None, shard_experts: bool = False):
         self.max_batch_size = _int_arg("max_batch_size", max_batch_size, 1)
         self.max_seq_len = _int_arg("max_seq_len", max_seq_len, 1)
         if self.max_seq_len < 2:
@@ -173,11 +185,21 @@ class RastEngine:
                                  ("overlap_models", overlap_models, False), ("diagnostics", diagnostics, False)):
             if not isinstance(v, bool) and not (none_ok and v is None):
                 raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
+        if not isinstance(shard_experts, bool):
+            raise TypeError(f"shard_experts: expected a bool, got {type(shard_experts).__name__}")
+        from ..parallel.tensor_parallel import agree, engine_context, shard_model
+
+        self.parallel = engine_context(tensor_parallel_size)  # None: one process, nothing sharded
+        if self.parallel is not None and devices is None:
+            devices = self.parallel.device
         experts, expert_bases = _pair_specs(expert, expert_base)
         self.num_pairs = len(experts)  # 0: the base alone
         self.roles = role_names(self.num_pairs)
         self.devices = resolve_devices(devices, self.roles)
         self.device = self.devices["base"]  # where sampling and bookkeeping run
+        if self.parallel is not None and self.device != self.parallel.device:
+            raise ValueError(f"devices: under tensor parallelism the base model lives on this rank's device "
+                             f"{self.parallel.device}, got {self.device}")
         specs = dict(zip(self.roles, [base] + [m for pair in zip(experts, expert_bases) for m in pair]))
         # a model given in several roles (the same object or path, e.g. expert=base for contrastive decoding)
         # is loaded once and run once per step: `self.lane_roles` holds the first role of each distinct model
@@ -215,6 +237,11 @@ class RastEngine:
                                  f"tokenizer's {self.vocab_size} tokens")
         self._default_eos = self._model_eos_ids()
 
+        self.tensor_parallel_size = self.parallel.tp_size if self.parallel is not None else 1
+        if self.parallel is not None:  # before the lanes: their KV pools and fused decoders see the shards
+            for role in self.lane_roles:
+                if role == "base" or shard_experts:
+                    shard_model(self.models[role], self.parallel, role)
         reasons = {role: unsupported_reason(self.models[role]) for role in self.lane_roles}
         if fused_decode is None:
             fused_decode = not any(reasons.values()) and (
@@ -227,7 +254,9 @@ class RastEngine:
 
         one_device = len({self.devices[r] for r in self.roles}) == 1
         self.use_cuda_graph = bool(use_cuda_graph and self.device.type == "cuda" and one_device)
-        overlap = bool(overlap_models and self.device.type == "cuda" and one_device and len(self.lane_roles) > 1)
+        # (sharded experts' collectives on side streams could interleave differently on different ranks)
+        overlap = bool(overlap_models and self.device.type == "cuda" and one_device and len(self.lane_roles) > 1
+                       and not (self.parallel is not None and shard_experts))
         self.overlap_models = overlap
 
         self.kv_cache_tokens = kv_cache_tokens or self._default_pool_tokens(gpu_memory_utilization)
@@ -240,7 +269,9 @@ class RastEngine:
         pairs = [(lane_of[e], lane_of[eb]) for e, eb in zip(self.roles[1::2], self.roles[2::2])] or [(0, 0)]
         max_blocks = -(-self.max_seq_len // self.block_size)
         self.runner = StepRunner(lanes, self.max_batch_size, max_blocks, self.block_size, self.max_seq_len,
-                                 self.vocab_size, self.use_cuda_graph, overlap, diagnostics, pairs=pairs)
+                                 self.vocab_size, self.use_cuda_graph, overlap, diagnostics, pairs=pairs,
+                                 token_sync=None if self.parallel is None else
+                                 (lambda *t, ctx=self.parallel: agree(ctx, *t)))
         self.diagnostics = diagnostics
         self.scheduler = Scheduler(self.max_batch_size, self.allocator, self.max_seq_len, scheduling)
         # host polls: every `poll_interval` decode steps; with `defer_polls` a snapshot is read one window later
@@ -336,8 +367,8 @@ class RastEngine:
             rows.append(ids)
         return rows
 
-    def _make_request(self, ids: List[int], params: SamplingParams, seed: int, name: str, index: int) -> Request:
-        """A validated :class:`Request` (``name``: how errors call the prompt, e.g. ``prompts[3]``)."""
+    def _check_request(self, ids: List[int], params: SamplingParams, name: str) -> list:
+        """Raise naming ``name`` (or the field) unless the request fits this engine; returns its EOS ids."""
         if len(ids) + params.max_new_tokens > self.max_seq_len:
             raise ValueError(f"{name}: {len(ids)} prompt tokens + max_new_tokens={params.max_new_tokens} exceed "
                              f"max_seq_len={self.max_seq_len}")
@@ -354,6 +385,11 @@ class RastEngine:
         for e in eos:
             if e >= self.vocab_size:
                 raise ValueError(f"eos_token_id: {e} outside [0, {self.vocab_size})")
+        return eos
+
+    def _make_request(self, ids: List[int], params: SamplingParams, seed: int, name: str, index: int) -> Request:
+        """A validated :class:`Request` (``name``: how errors call the prompt, e.g. ``prompts[3]``)."""
+        eos = self._check_request(ids, params, name)
         number, self._num_requests = self._num_requests, self._num_requests + 1
         req = Request(request_id=f"req-{number}", prompt=ids, params=params.with_seed(seed), eos=tuple(eos),
                       prompt_index=index, arrival=number)
@@ -396,6 +432,18 @@ class RastEngine:
         return [(p, p.seed if p.seed is not None else s) for p, s in zip(plist, seeds)]
 
     # ------------------------------------------------------------------ public API: requests
+    def resolve_requests(self, prompts, sampling_params=None, *, seed=0, **kwargs) -> List[tuple]:
+        """``[(token ids, SamplingParams with its seed set)]`` per prompt: what :meth:`generate` with these
+        arguments would queue, checked the same way (every error before anything runs) and with the same seed
+        rules, queuing nothing. :meth:`generate` of any subset of them, each with its own params, gives those
+        prompts' outputs of the whole call (data parallelism splits a call this way)."""
+        rows = self._normalize_prompts(prompts)
+        out = []
+        for i, (ids, (p, s)) in enumerate(zip(rows, self._params_list(len(rows), sampling_params, seed, kwargs))):
+            self._check_request(ids, p, f"prompts[{i}]")
+            out.append((ids, p.with_seed(s)))
+        return out
+
     def add_request(self, prompt, sampling_params: Optional[SamplingParams] = None, **kwargs) -> str:
         """Queue one prompt (a string or a flat list of token ids) with its settings (a :class:`SamplingParams`, or
         its fields as keywords); returns the request id. Everything is validated here, before anything runs.
@@ -693,4 +741,5 @@ class RastEngine:
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
                 f"kv_cache_tokens={self.kv_cache_tokens}, block_size={self.block_size}, "
                 f"scheduling={self.scheduler.policy!r}, use_cuda_graph={self.use_cuda_graph}, "
-                f"fused_decode={self.fused_decode}, overlap_models={self.overlap_models})")
+                f"fused_decode={self.fused_decode}, overlap_models={self.overlap_models}, "
+                f"tensor_parallel_size={self.tensor_parallel_size})")

@@ -51,6 +51,7 @@ from ..ops.paged_attention import paged_decode_attention
 from ..ops.rms_norm import add_rms_norm
 from ..ops.rope_cache import rope_cache_write
 from ..ops.silu_mul import silu_mul
+from ..parallel.tensor_parallel import finish_projection
 
 _FAMILIES = ("llama", "qwen2", "mistral")
 
@@ -211,10 +212,11 @@ class FusedDecoder:
         return self._proj(self.model.lm_head, x)
 
     def _proj(self, module, x):
-        """A projection module on ``x``: plain ``nn.Linear`` through :attr:`linear`, anything else (quantized,
-        adapter-wrapped) as it is."""
+        """A projection module on ``x``: plain ``nn.Linear`` through :attr:`linear` (then the collective of a
+        tensor-parallel shard, which the module's own forward hook does on transformers' path), anything else
+        (quantized, adapter-wrapped) as it is."""
         if type(module) is nn.Linear:
-            return self.linear(x, module.weight, module.bias)
+            return finish_projection(module, self.linear(x, module.weight, module.bias))
         return module(x)
 
 

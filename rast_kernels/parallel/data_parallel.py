@@ -54,11 +54,10 @@ def generate_data_parallel(engine, prompts, sampling_params=None, *, seed=0, con
         the index in ``prompts``. None on every other rank.
     """
     ctx = context or current() or init_parallel()
-    # the engine's own normalisation and seed rules, on the whole list: identical on every rank
-    rows = engine._normalize_prompts(prompts)
-    plist = engine._params_list(len(rows), sampling_params, seed, kwargs)
-    mine = share(range(len(rows)), ctx)
-    outs = engine.generate([rows[i] for i in mine], [plist[i][0] for i in mine], seed=[plist[i][1] for i in mine],
+    # the engine's own checks and seed rules, on the whole list: identical on every rank
+    reqs = engine.resolve_requests(prompts, sampling_params, seed=seed, **kwargs)
+    mine = share(range(len(reqs)), ctx)
+    outs = engine.generate([reqs[i][0] for i in mine], [reqs[i][1] for i in mine],
                            progress=bool(progress) and ctx.rank == 0)
     for out in outs:
         out.prompt_index = mine[out.prompt_index]
@@ -67,7 +66,7 @@ def generate_data_parallel(engine, prompts, sampling_params=None, *, seed=0, con
         return None
     merged = sorted((o for part in parts if part is not None for o in part),
                     key=lambda o: (o.prompt_index, o.sample_index))
-    want = [(i, j) for i, (p, _) in enumerate(plist) for j in range(p.n)]
+    want = [(i, j) for i, (_, p) in enumerate(reqs) for j in range(p.n)]
     got = [(o.prompt_index, o.sample_index) for o in merged]
     if got != want:  # a group lost or doubled outputs: a bug, never silently returned
         raise RuntimeError(f"generate_data_parallel: gathered {len(got)} outputs, expected {len(want)} "

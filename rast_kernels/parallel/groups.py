@@ -68,6 +68,11 @@ def launched() -> bool:
     return all(v in os.environ for v in _LAUNCH_VARS)
 
 
+def group_forced() -> bool:
+    """True when env ``RAST_FORCE_PG`` asks for a one-rank process group outside torchrun (:func:`init_parallel`)."""
+    return os.environ.get("RAST_FORCE_PG", "") not in ("", "0")
+
+
 def current() -> Optional[ParallelContext]:
     """The context :func:`init_parallel` made in this process, or None."""
     return _context
@@ -98,13 +103,13 @@ def _check_tp(tensor_parallel_size) -> int:
     return tensor_parallel_size
 
 
-def _device(device, local_rank: int, is_launched: bool) -> torch.device:
+def _device(device, local_rank: int, is_launched: bool, force: bool) -> torch.device:
     if device is not None:
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", local_rank if is_launched else torch.cuda.current_device())
         return dev
-    if is_launched and torch.cuda.is_available():
+    if (is_launched or force) and torch.cuda.is_available():  # a forced one-rank group on a GPU: NCCL there
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -126,11 +131,12 @@ def init_parallel(tensor_parallel_size: Optional[int] = None, *, device=None, ti
     on a free local TCP port, so that the collective code path runs on one GPU. ``tensor_parallel_size > 1`` not
     launched is a ValueError (use torchrun).
 
-    ``device``: default ``cuda:LOCAL_RANK`` under torchrun with CUDA (made the current device), else cpu.
+    ``device``: default ``cuda:LOCAL_RANK`` under torchrun (or forced) with CUDA (made the current device), else
+    cpu.
     Idempotent: a later call with the same size (or None) returns the same context; another size is a ValueError.
     """
     global _context, _owns_group
-    force = force_group or os.environ.get("RAST_FORCE_PG", "") not in ("", "0")
+    force = force_group or group_forced()
     if _context is not None and not (force and not _context.distributed):  # forcing upgrades a group-less one
         if tensor_parallel_size is not None and _check_tp(tensor_parallel_size) != _context.tp_size:
             raise ValueError(f"tensor_parallel_size: this process is already set up with tensor_parallel_size = "
@@ -143,7 +149,7 @@ def init_parallel(tensor_parallel_size: Optional[int] = None, *, device=None, ti
         raise ValueError(f"tensor_parallel_size: {tp} needs {tp} processes: launch with "
                          f"torchrun --nproc-per-node={tp} ... (this process was not started by torchrun)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = _device(device, local_rank, is_launched)
+    dev = _device(device, local_rank, is_launched, force)
     if not is_launched and not force:
         _context = ParallelContext(world_size=1, rank=0, tp_size=1, tp_rank=0, tp_group=None, dp_size=1,
                                    dp_rank=0, backend="none", device=dev, timeout_s=timeout)
