@@ -260,7 +260,10 @@ class Scheduler:
                     return None
             for seq in members:
                 seq.blocks = self.alloc.allocate(per_seq)
-            return PrefillGroup(context, list(members))
+            # the prefill writes the owner's blocks only: every other sample gets a copy of the context's blocks
+            used = self.alloc.blocks_for(n)
+            copies = [(members[0].blocks[j], seq.blocks[j]) for seq in members[1:] for j in range(used)]
+            return PrefillGroup(context, list(members), copies)
         full, partial = divmod(n, bs)
         need = full + (1 if partial else 0) + (len(members) - 1) * (1 if partial else 0)
         # a lone group only has to fit; beside running sequences, leave them room to grow

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--diagnostics", action="store_true",
                    help="record the delta's per-token effect (argmax flips, KL, raised tokens) on base + delta rows")
     o.add_argument("--max-batch-size", type=_cli.int_range(1), default=32, help="decode slots (default 32)")
+    o.add_argument("--scheduling", choices=("continuous", "static"), default="continuous",
+                   help="the engine's scheduling: continuous (default) or static fixed batches (the baseline "
+                        "benchmarks/bench_eval.py compares with)")
     o.add_argument("--tensor-parallel-size", type=_cli.int_range(1), default=1, metavar="TP",
                    help="under torchrun: ranks per base-model shard group; the world size / TP groups split the "
                         "work (default 1: every rank is its own data-parallel group)")
@@ -218,7 +221,8 @@ def _main(argv: Optional[List[str]]) -> int:
             extra["tensor_parallel_size"] = ctx.tp_size
         try:
             return RastEngine(*trio, tokenizer=tokenizer, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                              max_seq_len=max(2, max_seq_len), diagnostics=diagnostics, **extra)
+                              max_seq_len=max(2, max_seq_len), diagnostics=diagnostics, scheduling=args.scheduling,
+                              **extra)
         except (ValueError, OSError) as exc:  # e.g. tokenizers that disagree, a hub id that does not exist
             _cli.fail(parser, "--" + ("base" if models == "trio" else models), str(exc).splitlines()[0])
 

@@ -254,3 +254,10 @@ def test_static_scheduling_gives_the_same_tokens(trio, tokenizer, solo):
     engine = _engine(trio, tokenizer, max_batch_size=3, scheduling="static")
     outs = engine.generate([p for p, _ in reqs], [s for _, s in reqs])
     assert [o.token_ids for o in outs] == [_solo_tokens(solo, p, s) for p, s in reqs]
+    # n samples of a prompt share its prefill: every sample must see the prompt's K/V (a static batch gives each
+    # its own slab, which the prefill fills through the first sample's blocks and copies)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, eos_token_id=[], n=3)
+    outs = engine.generate(PROMPTS[:2], params)
+    want = [_solo_tokens(solo, p, SamplingParams(temperature=0.0, max_new_tokens=8, eos_token_id=[]))
+            for p in PROMPTS[:2]]
+    assert [o.token_ids for o in outs] == [w for w in want for _ in range(3)]
