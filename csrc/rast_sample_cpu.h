@@ -355,11 +355,18 @@ inline RowResult sample_row(const RowInput& in, const RowParams& prm, bool want_
 }
 
 // ---------------------------------------------------------------- K expert pairs, base plausibility
-inline float load_any(const void* p, DType t, int64_t i) {
+// Columns [i0, i0 + m) of a row as fp32 into out (one dtype switch per block, so the loop vectorises).
+template <class T>
+inline void load_block(const void* p, int64_t i0, int64_t m, float* out) {
+  const auto* src = static_cast<const typename T::storage*>(p) + i0;
+  for (int64_t j = 0; j < m; ++j) out[j] = T::load(src[j]);
+}
+
+inline void load_block_any(const void* p, DType t, int64_t i0, int64_t m, float* out) {
   switch (t) {
-    case DType::kBFloat16: return BF16::load(static_cast<const uint16_t*>(p)[i]);
-    case DType::kFloat16: return F16::load(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+    case DType::kBFloat16: return load_block<BF16>(p, i0, m, out);
+    case DType::kFloat16: return load_block<F16>(p, i0, m, out);
+    default: return load_block<F32>(p, i0, m, out);
   }
 }
 
@@ -372,43 +379,62 @@ struct PairInput {
 
 // Sample one row of z = base + S, S = alpha_1 (e_1 - eb_1) + ... + alpha_K (e_K - eb_K) (fp32, left to right,
 // K >= 1; -inf where any input is -inf), then base plausibility (bp in [0, 1], 0 off; log_bp = fp32 log(bp) as
-// computed by the caller): column i is masked unless base_i - max base >= log_bp. One pass over the 2K + 1 inputs
-// (the pairs loop inside the column loop); with bp > 0 one more pass over base first for its max.
+// computed by the caller): column i is masked unless base_i - max base >= log_bp. One pass over the 2K + 1 inputs:
+// a block of columns at a time (kPairBlock, in L1), the pairs loop inside the block loop, each input converted to
+// fp32 by a loop of one dtype (vectorised); with bp > 0 one more pass over base first for its max.
+constexpr int64_t kPairBlock = 512;
+
 inline RowResult sample_row_pairs(const void* base, DType base_dtype, const PairInput* pairs, int num_pairs,
                                   int64_t n, const RowParams& prm, float bp, float log_bp, bool want_logprob,
                                   Workspace& ws) {
   const RowResult bad{-1, std::numeric_limits<float>::quiet_NaN()};
   if (!params_valid(prm) || !(bp >= 0.0f && bp <= 1.0f)) return bad;
   const bool plaus = bp > 0.0f;
+  float vb[kPairBlock], ve[kPairBlock], veb[kPairBlock], s[kPairBlock];
+  bool masked[kPairBlock];
   float bmax = -kInf;
   if (plaus) {
     bool nonfinite = false;
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = load_any(base, base_dtype, i);
-      nonfinite |= !(v < kInf);
-      bmax = v > bmax ? v : bmax;
+    for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
+      const int64_t m = std::min(kPairBlock, n - i0);
+      load_block_any(base, base_dtype, i0, m, vb);
+      for (int64_t j = 0; j < m; ++j) {
+        nonfinite |= !(vb[j] < kInf);
+        bmax = vb[j] > bmax ? vb[j] : bmax;
+      }
     }
     if (nonfinite) return bad;
   }
   ws.z.resize(static_cast<size_t>(n));
   float* z = ws.z.data();
   bool nonfinite = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float vb = load_any(base, base_dtype, i);
-    bool masked = vb == -kInf;
-    float s = 0.0f;
+  for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
+    const int64_t m = std::min(kPairBlock, n - i0);
+    load_block_any(base, base_dtype, i0, m, vb);
+    for (int64_t j = 0; j < m; ++j) masked[j] = vb[j] == -kInf;
     for (int k = 0; k < num_pairs; ++k) {
       const PairInput& q = pairs[k];
-      const float ve = load_any(q.expert, q.expert_dtype, i), veb = load_any(q.expert_base, q.expert_base_dtype, i);
-      masked |= (ve == -kInf) | (veb == -kInf);
-      const float d = ve - veb;
-      const float term = q.alpha * d;
-      s = k == 0 ? term : s + term;
+      load_block_any(q.expert, q.expert_dtype, i0, m, ve);
+      load_block_any(q.expert_base, q.expert_base_dtype, i0, m, veb);
+      const float a = q.alpha;
+      if (k == 0) {
+        for (int64_t j = 0; j < m; ++j) {
+          masked[j] |= (ve[j] == -kInf) | (veb[j] == -kInf);
+          s[j] = a * (ve[j] - veb[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          masked[j] |= (ve[j] == -kInf) | (veb[j] == -kInf);
+          s[j] = s[j] + a * (ve[j] - veb[j]);  // (the product rounds first: no fused multiply-add, as the spec)
+        }
+      }
     }
-    const float v = vb + s;
-    nonfinite |= !masked && !(v < kInf);  // NaN or +inf in the combination, judged before plausibility
-    const bool implausible = plaus && !(vb - bmax >= log_bp);
-    z[i] = masked || implausible ? -kInf : v;
+    for (int64_t j = 0; j < m; ++j) {
+      const float v = vb[j] + s[j];
+      nonfinite |= !masked[j] && !(v < kInf);  // NaN or +inf in the combination, judged before plausibility
+      const bool implausible = plaus && !(vb[j] - bmax >= log_bp);
+      z[i0 + j] = masked[j] || implausible ? -kInf : v;
+    }
   }
   if (nonfinite) return bad;
   return sample_combined(n, prm, want_logprob, ws);
