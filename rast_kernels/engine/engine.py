@@ -31,6 +31,7 @@ blocks at once, move the running rows to the lowest slots, and admit waiting req
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import sys
 import time
@@ -41,6 +42,7 @@ import torch
 
 from .. import _backends
 from ..ops.philox import mix_seed
+from ..parallel.tensor_parallel import agree, engine_context, shard_model
 from .cache import BlockAllocator
 from .detokenize import IncrementalText, final_text
 from .device_step import DIAGNOSTICS, EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
@@ -187,8 +189,6 @@ class RastEngine:
                 raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
         if not isinstance(shard_experts, bool):
             raise TypeError(f"shard_experts: expected a bool, got {type(shard_experts).__name__}")
-        from ..parallel.tensor_parallel import agree, engine_context, shard_model
-
         self.parallel = engine_context(tensor_parallel_size)  # None: one process, nothing sharded
         if self.parallel is not None and devices is None:
             devices = self.parallel.device
@@ -270,8 +270,7 @@ class RastEngine:
         max_blocks = -(-self.max_seq_len // self.block_size)
         self.runner = StepRunner(lanes, self.max_batch_size, max_blocks, self.block_size, self.max_seq_len,
                                  self.vocab_size, self.use_cuda_graph, overlap, diagnostics, pairs=pairs,
-                                 token_sync=None if self.parallel is None else
-                                 (lambda *t, ctx=self.parallel: agree(ctx, *t)))
+                                 token_sync=None if self.parallel is None else functools.partial(agree, self.parallel))
         self.diagnostics = diagnostics
         self.scheduler = Scheduler(self.max_batch_size, self.allocator, self.max_seq_len, scheduling)
         # host polls: every `poll_interval` decode steps; with `defer_polls` a snapshot is read one window later
