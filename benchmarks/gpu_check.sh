@@ -7,7 +7,8 @@
 # (device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=600), carry=[".whl"] for FlashInfer).
 #
 # Steps (each with its own time limit, all inside GPU_CHECK_BUDGET_S, default 540 s: the device tool's
-# 600 s per call less the machine's start):
+# 600 s per call less the machine's start; the limits add up to more, so a full run is cut by the budget,
+# latest steps first: run the rest in a second call with GPU_CHECK_STEPS):
 #   env        nvidia-smi, interpreter and package versions
 #   flashinfer optional: installs .whl/flashinfer*.whl when carried (carry=[".whl"]); FlashInfer then JIT-
 #              compiles its sampling module with the machine's nvcc on first use (about a minute). .whl/ is
@@ -18,6 +19,13 @@
 #   tests      pytest on CUDA, tests/ops and tests/engine only (graph-vs-eager, Triton kernels natively; the
 #              rest runs on CPU in CI), with -n auto when pytest-xdist is importable; --maxfail=25 so one
 #              failure does not hide the others
+#   tp         the tensor-parallel code path as a one-rank NCCL group on this GPU (RAST_FORCE_PG=1): (1) pytest
+#              tests/engine/test_engine_cuda.py (graph == eager, the oracle, no host sync: now through the
+#              collectives; 30 s), (2) bench_decode.py --tensor-parallel-size 1 --systems engine, Qwen2.5-7B
+#              + 2 x 1.5B, B=1, 8, 32 new tokens (35 s), to set against the decode step's plain engine at the
+#              same B: what the collectives (161 per step at TP 1) and the token broadcast cost
+#              -> decode_tp1.json. Its fused-decode Triton kernels land in the cache the decode step then
+#              reuses, which is why the decode step's limit is 30 s shorter than before
 #   serving    benchmarks/bench_serving.py, Qwen2.5-7B + 2 x 1.5B, 96 long-tailed requests: the continuous paged
 #              engine against the static engine at equal KV memory, graph == eager is in the tests step;
 #              per-step time at B=8 (the static baseline from git is skipped there: no .git)  -> serving.json
@@ -42,10 +50,11 @@
 # checks this script's syntax, that every step's function exists, that every script it runs exists and
 # parses the options given to it here (argparse only, nothing runs), and that the pytest folders exist.
 #
-# Everything lands under $OUT, flat, at most 8 files: gpu_check.log (all output), summary.txt (one line
-# per step: exit code and seconds), the JSON/PNG results as they are produced, and results.tar.gz
-# (per-step logs, junit XML, every JSON written). Results are copied after each step, so a step that is
-# killed does not lose the earlier ones.
+# Everything lands under $OUT, flat: gpu_check.log (all output), summary.txt (one line per step call:
+# exit code and seconds), the JSON/PNG results as they are produced, and results.tar.gz (per-step logs,
+# junit XML, every JSON written). Every step at once would make 10 files, 2 more than the device tool
+# brings back: the tarball has them all. Results are copied after each step, so a step that is killed
+# does not lose the earlier ones.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -55,14 +64,15 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
-STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests serving decode profile sampler attention"}
+STEPS=${GPU_CHECK_STEPS:-"env flashinfer install tests tp serving decode profile sampler attention"}
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 [ "$DRY_RUN" = 0 ] && DRY_RUN=""
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
-# step NAME LIMIT_S CMD...: run CMD with a time limit (cut to what is left of the budget), log it, record rc
+# step NAME LIMIT_S CMD...: run CMD with a time limit (cut to what is left of the budget), log it, record rc;
+# a NAME given to several calls runs them all (their logs append to one file)
 step() {
     local name=$1 limit=$2
     shift 2
@@ -81,9 +91,9 @@ step() {
     echo "== $name (limit ${limit}s, t=$(($(date +%s) - T0))s): $*"
     local t=$(date +%s)
     if declare -F "$1" >/dev/null; then # a function of this script: run it in a child bash (exported below)
-        timeout -s INT -k 30 "$limit" bash -c "$*" 2>&1 | tee "$WORK/$name.log"
+        timeout -s INT -k 30 "$limit" bash -c "$*" 2>&1 | tee -a "$WORK/$name.log"
     else
-        timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
+        timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee -a "$WORK/$name.log"
     fi
     local rc=${PIPESTATUS[0]}
     local note=""
@@ -93,11 +103,19 @@ step() {
 }
 
 # dry_step NAME CMD...: check CMD without running it (GPU_CHECK_DRY_RUN=1); scripts are queued for one
-# argparse-only pass at the end (one Python start for all of them)
+# argparse-only pass at the end (one Python start for all of them). CMD may start with env NAME=VALUE...:
+# the command after them is checked, a queued script parsed with those variables set
 dry_step() {
     local name=$1
     shift
-    local problem=""
+    local problem="" envs=()
+    if [ "$1" = env ]; then
+        shift
+        while [[ "${1:-}" == [A-Za-z_]*=* ]]; do
+            envs+=("$1")
+            shift
+        done
+    fi
     if declare -F "$1" >/dev/null; then
         :
     elif [ "$1" = "$PY" ] && [ "${2:-}" = "-m" ] && [ "${3:-}" = "pytest" ]; then
@@ -111,7 +129,7 @@ dry_step() {
         done
     elif [ "$1" = "$PY" ]; then
         if [ -f "${2:-}" ]; then
-            (IFS=$'\x1f'; printf '%s\n' "${*:2}") >>"$WORK/dry_run_scripts"
+            (IFS=$'\x1f'; printf '%s\n' "${envs[*]}${envs:+$'\x1f'}${*:2}") >>"$WORK/dry_run_scripts"
         else
             problem="missing script ${2:-}"
         fi
@@ -149,8 +167,12 @@ def parse_then_stop(self, args=None, namespace=None):
 
 
 argparse.ArgumentParser.parse_args = parse_then_stop
+environ = dict(os.environ)
 for line in open(sys.argv[1]):
-    argv = line.rstrip("\n").split("\x1f")
+    fields = line.rstrip("\n").split("\x1f")
+    argv = fields[next(i for i, f in enumerate(fields) if "=" not in f or os.path.exists(f)):]  # after NAME=VALUEs
+    os.environ.clear()
+    os.environ.update(environ, **dict(f.split("=", 1) for f in fields[:len(fields) - len(argv)]))
     sys.argv, here = argv, os.path.dirname(os.path.abspath(argv[0]))
     sys.path.insert(0, here)  # as when the script is run: its folder first (benchmarks import each other)
     err, status = io.StringIO(), None
@@ -166,7 +188,7 @@ for line in open(sys.argv[1]):
         status = f"{type(exc).__name__}: {exc}"
     finally:
         sys.path.remove(here)
-    print(f"{'parse':<10} rc={0 if status is None else 1:<4} {' '.join(argv)}" + ("" if status is None else f": {status}"))
+    print(f"{'parse':<10} rc={0 if status is None else 1:<4} {' '.join(fields)}" + ("" if status is None else f": {status}"))
 PYEOF
 }
 
@@ -177,6 +199,7 @@ collect() {
         "$WORK"/serving.json "$WORK"/profile/profile_*.json; do
         [ -f "$f" ] && cp "$f" "$OUT/"
     done
+    [ -f "$WORK/tp1/decode.json" ] && cp "$WORK/tp1/decode.json" "$OUT/decode_tp1.json"
     return 0
 }
 
@@ -216,8 +239,9 @@ install_pkg() {
         "$PY" -m rast_kernels info
 }
 
+# pytest_args [NAME]: the options of a pytest step, its junit XML written to $WORK/NAME.xml (default junit)
 pytest_args() {
-    local a="--maxfail=25 -q -p no:cacheprovider --durations=15 --junitxml=$WORK/junit.xml"
+    local a="--maxfail=25 -q -p no:cacheprovider --durations=15 --junitxml=$WORK/${1:-junit}.xml"
     "$PY" -c "import pytest_timeout" 2>/dev/null && a="$a --timeout=120"
     "$PY" -c "import xdist" 2>/dev/null && a="$a -n auto"
     echo "$a"
@@ -235,10 +259,15 @@ main() {
     # shellcheck disable=SC2046
     # only the folders that exercise CUDA: the rest is CPU code that CI covers
     step tests 150 "$PY" -m pytest tests/ops tests/engine $(pytest_args)
+    # shellcheck disable=SC2046
+    step tp 30 env RAST_FORCE_PG=1 "$PY" -m pytest tests/engine/test_engine_cuda.py $(pytest_args junit_tp)
+    step tp 35 env RAST_FORCE_PG=1 "$PY" benchmarks/bench_decode.py --trio qwen --tensor-parallel-size 1 \
+        --systems engine --batch 1 8 --new-tokens 32 --repeats 1 --out "$WORK/tp1"
+    collect
     step serving 110 "$PY" benchmarks/bench_serving.py --trio qwen --requests 96 --max-batch 32 --prompt-len 64 \
         --mean-new 64 --max-new 448 --kv-tokens 4096 --step-batch 8 --systems decode_step continuous static --out "$WORK"
     collect
-    step decode 270 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
+    step decode 240 "$PY" benchmarks/bench_decode.py --trio qwen --batch 1 8 32 --repeats 2 --peer-new-tokens 48 \
         --out "$WORK"
     collect
     step profile 100 "$PY" benchmarks/profile_decode_step.py --out "$WORK/profile"

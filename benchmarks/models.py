@@ -11,6 +11,7 @@ the second expert pair of their two-pair runs: :data:`SECOND_PAIRS`, built by :f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ TRIOS = {
     "qwen": ("Qwen2.5-7B", "Qwen2.5-1.5B", "Qwen2.5-1.5B"),
     "qwen-small": ("Qwen2.5-1.5B", "Qwen2.5-0.5B", "Qwen2.5-0.5B"),
     "llama": ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-1B"),
+    # the official fork's tensor-parallel example (a 70B base at TP 8 + an 8B pair); on one GPU it does not fit
+    "llama-70b": ("Llama-3.1-70B", "Llama-3.1-8B", "Llama-3.1-8B"),
 }
 
 # trio -> (expert, expert_base) of a second, smaller pair: RAST's official code combines up to three pairs of
@@ -32,6 +35,7 @@ SECOND_PAIRS = {
     "qwen": ("Qwen2.5-0.5B", "Qwen2.5-0.5B"),
     "qwen-small": ("Qwen2.5-0.5B", "Qwen2.5-0.5B"),
     "llama": ("Llama-3.2-1B", "Llama-3.2-1B"),
+    "llama-70b": ("Llama-3.2-1B", "Llama-3.2-1B"),
 }
 
 
@@ -83,21 +87,44 @@ def _reset_rotary_buffers(model: torch.nn.Module) -> None:
             own[name].copy_(buf)
 
 
+def _materialise(model: PreTrainedModel, device, share_layers: bool) -> None:
+    """Allocate a meta-device model's tensors on ``device`` (uninitialised); with ``share_layers``, the first
+    decoder layer's only, which every other layer then holds (``to_empty`` would give each its own)."""
+    if not share_layers:
+        model.to_empty(device=device)
+        return
+    layers = model.model.layers
+    layers[0].to_empty(device=device)
+    first = dict(layers[0].named_parameters())
+    for layer in layers[1:]:
+        for name, param in first.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(owner), attr, param)
+    in_layers = {id(m) for m in layers.modules()}
+    for module in model.modules():
+        if id(module) not in in_layers:
+            module.to_empty(device=device, recurse=False)
+
+
 def build_model(config: str | PretrainedConfig, *, device="cpu", dtype=torch.bfloat16, seed: int = 0,
-                std: float | None = None) -> PreTrainedModel:
+                std: float | None = None, share_layers: bool = False) -> PreTrainedModel:
     """A random-init causal LM in eval mode on ``device`` with weights in ``dtype``.
 
     ``config``: a stored config name (:func:`available_configs`) or a transformers config. Weights are
     drawn from N(0, std) (default: the config's ``initializer_range``), norm weights are 1, biases 0;
     this is not the model's own init (which is slow on CPU for billions of parameters) but gives logits of
     a sane scale. ``seed`` makes the weights reproducible on a given device.
+
+    ``share_layers``: every decoder layer holds the first layer's weight tensors, so the model takes one layer's
+    memory. Only for a model an engine shards for tensor parallelism, which copies each layer's shard into its
+    own storage: a rank then never holds the whole model (a 70B base does not fit one GPU before sharding).
     """
     if isinstance(config, str):
         config = load_config(config)
     std = float(getattr(config, "initializer_range", 0.02) if std is None else std)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device=device)
+    _materialise(model, device, share_layers)
     model.tie_weights()  # to_empty gives each parameter its own storage; tied embeddings must share again
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -119,39 +146,48 @@ TINY_TRIO = ((512, "tiny-qwen2-v512"), (480, "tiny-qwen2-v480"), (480, "tiny-qwe
 TINY_SECOND_PAIR = ((488, "tiny-qwen2-v488"), (488, "tiny-qwen2-v488"))
 
 
-def build_trio(trio: str | None, device="cpu", dtype=torch.bfloat16) -> tuple[list[PreTrainedModel], list[str]]:
+def build_trio(trio: str | None, device="cpu", dtype=torch.bfloat16,
+               share_layers=(False, False, False)) -> tuple[list[PreTrainedModel], list[str]]:
     """``(models, names)``: the base, expert and expert base of :data:`TRIOS` ``[trio]`` on ``device`` in
-    ``dtype`` (seeds 0, 1, 2), or with ``trio=None`` the tiny Qwen2-family trio :data:`TINY_TRIO` (std 0.1)."""
+    ``dtype`` (seeds 0, 1, 2), or with ``trio=None`` the tiny Qwen2-family trio :data:`TINY_TRIO` (std 0.1).
+    ``share_layers``: :func:`build_model`'s flag for each of the three."""
     if trio is not None and trio not in TRIOS:
         raise ValueError(f"trio: expected None or one of {sorted(TRIOS)}, got {trio!r}")
-    return _build(TINY_TRIO if trio is None else TRIOS[trio], device, dtype, first_seed=0)
+    return _build(TINY_TRIO if trio is None else TRIOS[trio], device, dtype, first_seed=0, share_layers=share_layers)
 
 
-def build_second_pair(trio: str | None, device="cpu", dtype=torch.bfloat16) -> tuple[list[PreTrainedModel], list[str]]:
+def build_second_pair(trio: str | None, device="cpu", dtype=torch.bfloat16,
+                      share_layers=(False, False)) -> tuple[list[PreTrainedModel], list[str]]:
     """``(models, names)``: the expert and expert base of :data:`SECOND_PAIRS` ``[trio]`` (seeds 3, 4: after the
     trio's), or with ``trio=None`` the tiny trio's :data:`TINY_SECOND_PAIR`."""
     if trio is not None and trio not in SECOND_PAIRS:
         raise ValueError(f"trio: expected None or one of {sorted(SECOND_PAIRS)}, got {trio!r}")
-    return _build(TINY_SECOND_PAIR if trio is None else SECOND_PAIRS[trio], device, dtype, first_seed=3)
+    return _build(TINY_SECOND_PAIR if trio is None else SECOND_PAIRS[trio], device, dtype, first_seed=3,
+                  share_layers=share_layers)
 
 
-def _build(specs, device, dtype, first_seed: int) -> tuple[list[PreTrainedModel], list[str]]:
+def _build(specs, device, dtype, first_seed: int, share_layers) -> tuple[list[PreTrainedModel], list[str]]:
     """Models of stored config names, or of tiny ``(vocab width, name)`` specs (std 0.1), seeds counting up."""
     if isinstance(specs[0], str):
         configs, names, std = list(specs), list(specs), None
     else:
         configs, names, std = [tiny_config("qwen2", width) for width, _ in specs], [n for _, n in specs], 0.1
-    return [build_model(c, device=device, dtype=dtype, seed=first_seed + i, std=std)
-            for i, c in enumerate(configs)], names
+    return [build_model(c, device=device, dtype=dtype, seed=first_seed + i, std=std, share_layers=share)
+            for i, (c, share) in enumerate(zip(configs, share_layers))], names
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def weight_bytes(*models: torch.nn.Module) -> int:
     """Bytes of all distinct parameter storages of the models (tied weights counted once): what one
-    decode step must read at least once."""
+    decode step must read at least once. A decoder layer's weights count in every layer (``share_layers``
+    builds hold one copy for all of them only until an engine shards them)."""
     seen, total = set(), 0
     for model in models:
-        for p in model.parameters():
-            key = (p.device, p.data_ptr())
+        for name, p in model.named_parameters(remove_duplicate=False):
+            layer = _LAYER.search(f".{name}")
+            key = (p.device, p.data_ptr(), layer and layer.group(1))
             if key not in seen:
                 seen.add(key)
                 total += p.numel() * p.element_size()

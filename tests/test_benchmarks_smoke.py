@@ -7,11 +7,14 @@ import importlib
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from parallel.parallel_launch import TIMEOUT_S, env as launch_env, needs_dist, torchrun
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -116,6 +119,55 @@ def test_bench_decode_tiny(tmp_path, bench_modules, capsys):
     assert rows["peer_loop"]["speedup_vs_peer"] == pytest.approx(1.0)
 
 
+# the tiny trio through the tensor-parallel code path: few tokens (4 decode steps per timed step() call)
+TP_ARGS = ["--tiny", "--batch", "2", "--prompt-len", "4", "--new-tokens", "14", "--copy-mib", "8",
+           "--systems", "engine", "base_alone", "floor"]
+
+
+def _tp_result(out: Path, stdout: str, tp: int) -> dict:
+    """decode.json of a tensor-parallel run, checked: every row carries the TP size, every engine ran the TP path
+    with it, the floors are per rank (the base's bytes / tp + the replicated experts'), nothing failed."""
+    assert stdout.count("# summary") == 1 and stdout.count("wrote ") == 1, stdout  # rank 0 alone reports
+    result = json.loads((out / "decode.json").read_text())
+    meta, rows = result["meta"], {(r["system"], r["B"]): r for r in result["rows"]}
+    assert meta["tensor_parallel_size"] == tp and meta["tp_code_path"] and meta["world_size"] == tp
+    assert meta["weight_GB_per_rank"] == pytest.approx(meta["base_weight_GB"] / tp + meta["weight_GB"]
+                                                       - meta["base_weight_GB"])
+    assert rows["floor", 2]["ms_per_token"] == pytest.approx(meta["weight_GB_per_rank"] / meta["copy_bandwidth_GBps"]
+                                                             * 1e3)
+    for (system, _), row in rows.items():
+        assert row.get("error") is None and row["tensor_parallel_size"] == tp, row
+        if system in ("engine", "base_alone_engine"):
+            assert row["engine_tensor_parallel_size"] == tp and row["ms_per_token"] > 0, row
+    return rows
+
+
+@needs_dist
+def test_bench_decode_tensor_parallel_two_ranks(tmp_path):
+    """torchrun, 2 ranks (gloo): the tiny trio's base sharded 2 ways (its 4 heads, 2 KV heads and MLP width 128
+    divide by 2); the single-process eager half of base_alone is skipped, and says so."""
+    out = tmp_path / "out"
+    r = torchrun(2, str(BENCH / "bench_decode.py"), *TP_ARGS, "--tensor-parallel-size", "2", "--out", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = _tp_result(out, r.stdout, 2)
+    assert {s for s, _ in rows} == {"engine", "base_alone_engine", "floor", "floor_base_alone"}
+    assert "base_alone_eager skipped" in r.stdout
+
+
+@needs_dist
+def test_bench_decode_one_rank_process_group(tmp_path):
+    """RAST_FORCE_PG=1 --tensor-parallel-size 1: the engines run the TP path as a one-rank group (what gpu_check.sh
+    times on one GPU), the eager baseline still runs on freshly built (unsharded) models."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_decode.py"), *TP_ARGS, "--tensor-parallel-size", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=TIMEOUT_S,
+                       env={**launch_env(), "RAST_FORCE_PG": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = _tp_result(out, r.stdout, 1)
+    assert rows["base_alone_eager", 2]["ms_per_token"] > 0
+    assert json.loads((out / "decode.json").read_text())["meta"]["command"].startswith("RAST_FORCE_PG=1 ")
+
+
 def test_peer_loop_greedy_matches_oracle(bench_modules):
     """At temperature 0 the peer loop (left padding, DynamicCache) picks argmax of
     z_base + alpha * (z_expert - z_expert_base) from full forwards without a cache."""
@@ -177,6 +229,9 @@ def test_models_build_real_shapes_and_rotary(bench_modules):
     with torch.device("meta"):
         big = AutoModelForCausalLM.from_config(models.load_config("Qwen2.5-7B"))
     assert sum(p.numel() for p in big.parameters()) == 7_615_616_512
+    with torch.device("meta"):
+        big = AutoModelForCausalLM.from_config(models.load_config("Llama-3.1-70B"))  # the llama-70b trio's base
+    assert sum(p.numel() for p in big.parameters()) == 70_553_706_496
     cfg = models.load_config("Llama-3.2-1B")  # llama3 rope scaling
     cfg.num_hidden_layers, cfg.vocab_size = 1, 256
     built = models.build_model(cfg, dtype=torch.float32)
@@ -184,6 +239,11 @@ def test_models_build_real_shapes_and_rotary(bench_modules):
     assert torch.equal(built.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
     assert built.lm_head.weight.data_ptr() == built.model.embed_tokens.weight.data_ptr()  # tied again
     assert models.weight_bytes(built) == sum(p.numel() * 4 for p in fresh.parameters())
+    # one copy of the layers (for a model a TP engine shards), counted as the model it stands for
+    cfg.num_hidden_layers = 2
+    shared = models.build_model(cfg, dtype=torch.float32, share_layers=True)
+    assert shared.model.layers[1].mlp.up_proj.weight is shared.model.layers[0].mlp.up_proj.weight
+    assert models.weight_bytes(shared) == models.weight_bytes(models.build_model(cfg, dtype=torch.float32))
     tok = models.placeholder_tokenizer(300)
     assert len(tok) == 300 and tok.eos_token_id == 299
     assert set(models.SECOND_PAIRS) == set(models.TRIOS)  # every trio has its two-pair run (bench_decode)

@@ -103,10 +103,12 @@ def test_gpu_check_dry_run(tmp_path):
     it passes them (argparse only), pytest folders; so a typo cannot cost a GPU session."""
     res, summary = _dry_run(tmp_path, ROOT / "benchmarks" / "gpu_check.sh")
     assert res.returncode == 0, summary + res.stdout[-2000:] + res.stderr[-2000:]
-    for name in ("env", "install", "tests", "decode", "profile", "sampler", "attention"):
+    for name in ("env", "install", "tests", "tp", "decode", "profile", "sampler", "attention"):
         assert f"{name:<10} rc=0    dry run" in summary, summary
     parsed = [line for line in summary.splitlines() if line.startswith("parse")]
-    assert len(parsed) == 5 and all(" rc=0 " in line for line in parsed), summary  # 5 benchmark scripts
+    # 6 benchmark invocations: bench_decode twice (the tp step's under env RAST_FORCE_PG=1, parsed with it set)
+    assert len(parsed) == 6 and all(" rc=0 " in line for line in parsed), summary
+    assert any(line.split()[2:4] == ["RAST_FORCE_PG=1", "benchmarks/bench_decode.py"] for line in parsed), summary
 
 
 def test_gpu_check_dry_run_catches_typos(tmp_path):

@@ -142,11 +142,15 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
     cases = {
         "bench_sampler": [(["--batch", "0"], "--batch"), (["--vocab", "1"], "--vocab"), (["--budget-s", "0"], "--budget-s"),
                           (["--repeats", "0"], "--repeats"), (["--device", "nonsense"], "--device"),
-                          (["--copy-mib", "0"], "--copy-mib"), (["--out", bad_out], "--out")],
+                          (["--copy-mib", "0"], "--copy-mib"), (["--pairs", "0"], "--pairs"),
+                          (["--out", bad_out], "--out")],
         "bench_decode": [(["--batch", "0"], "--batch"), (["--new-tokens", "1"], "--new-tokens"),
                          (["--repeats", "0"], "--repeats"), (["--top-p", "0"], "--top-p"),
                          (["--temperature", "-1"], "--temperature"), (["--device", "nonsense"], "--device"),
-                         (["--tiny", "--max-seq-len", "5"], "--max-seq-len")],
+                         (["--tiny", "--max-seq-len", "5"], "--max-seq-len"),
+                         (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+                         (["--tensor-parallel-size", "2"], "--tensor-parallel-size"),  # not under torchrun
+                         (["--shard-experts"], "--shard-experts")],  # no tensor parallelism
         "bench_serving": [(["--requests", "0"], "--requests"), (["--sigma", "-1"], "--sigma"),
                           (["--top-p", "0"], "--top-p"), (["--device", "nonsense"], "--device"),
                           (["--block-size", "8", "--kv-tokens", "4"], "--kv-tokens"), (["--out", bad_out], "--out")],
@@ -166,6 +170,17 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
         mod = bench(module)
         for path in ("/nonexistent.json", tmp_path / "not.json", tmp_path / "other.json"):
             _assert_user_error(lambda: mod.main([str(path)]), option, capsys)
+
+
+def test_bench_decode_tensor_parallel_user_errors(bench, monkeypatch, capsys):
+    """Under torchrun (its environment, no process group started: parsing fails first): one TP group of all ranks,
+    no single-process baseline, no device index shared by every rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    mod = bench("bench_decode")
+    for argv, option in ((["--tensor-parallel-size", "4"], "--tensor-parallel-size"),
+                         (["--systems", "engine", "peer_loop"], "--systems"), (["--device", "cpu:0"], "--device")):
+        _assert_user_error(lambda: mod.main(argv), option, capsys)
 
 
 def test_each_cli_as_a_subprocess(tmp_path):
