@@ -42,7 +42,7 @@ import torch
 
 from .. import _backends
 from ..ops.philox import mix_seed
-from ..parallel.tensor_parallel import agree, engine_context, shard_model
+from ..parallel.tensor_parallel import agree, engine_context, full_width, is_model_sharded, shard_model
 from .cache import BlockAllocator
 from .detokenize import IncrementalText, final_text
 from .device_step import DIAGNOSTICS, EOS, ERROR, LENGTH, RING, StepRunner, kv_bucket, kv_geometry, make_lane
@@ -231,7 +231,12 @@ class RastEngine:
             raise ValueError("tokenizer: none given and none found with the models; pass tokenizer=...")
         self.vocab_size = len(self.tokenizer)
         for role in self.lane_roles:
-            n_in, n_out = model_vocab_widths(self.models[role])
+            model = self.models[role]
+            if self.parallel is None and is_model_sharded(model):
+                raise ValueError(f"{role}: this model object was sharded in place by a tensor-parallel engine; "
+                                 "give a fresh copy")
+            n_in, n_out = model_vocab_widths(model)
+            n_out = full_width(model.get_output_embeddings(), n_out)  # a sharded head gathers the whole vocabulary
             if min(n_in, n_out) < self.vocab_size:
                 raise ValueError(f"{role}: embedding / LM-head widths ({n_in}, {n_out}) are smaller than the "
                                  f"tokenizer's {self.vocab_size} tokens")

@@ -45,6 +45,8 @@ from .groups import ParallelContext
 _FAMILIES = ("llama", "qwen2", "mistral")
 # module -> ("reduce", group) or ("gather", group, size, vocab): what finish_projection does after its GEMM
 _SHARDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# model -> (tp_size, tp_rank, group) it was sharded for (sharding is in place: a second engine finds it so)
+_MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def shard_reason(model, tp_size: int) -> Optional[str]:
@@ -96,6 +98,12 @@ def shard_model(model, ctx: ParallelContext, role: str = "base") -> None:
     ``tensor_parallel_size`` and ``role`` when :func:`shard_reason` refuses it. Call it once, before the engine
     builds its lanes (KV pools, fused decoder)."""
     n, r, group = ctx.tp_size, ctx.tp_rank, ctx.tp_group
+    prior = _MODELS.get(model)
+    if prior is not None:  # an earlier engine sharded this very object
+        if prior[0] == n and prior[1] == r and prior[2] is group:
+            return  # already this rank's shard, hooks in place
+        raise ValueError(f"tensor_parallel_size: {role} was already sharded {prior[0]} ways by another engine; "
+                         "give a fresh copy of the model")
     why = shard_reason(model, n)
     if why is not None:
         raise ValueError(f"tensor_parallel_size: {role} cannot be sharded {n} ways: {why}")
@@ -130,6 +138,18 @@ def shard_model(model, ctx: ParallelContext, role: str = "base") -> None:
         head.register_forward_hook(_hook)
     cfg.head_dim = d
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = hq, hk, ni
+    _MODELS[model] = (n, r, group)
+
+
+def is_model_sharded(model) -> bool:
+    """Whether :func:`shard_model` sharded ``model`` (in place) in this process."""
+    return model in _MODELS
+
+
+def full_width(module, width: int) -> int:
+    """The output width a layer's collective gives (a vocabulary shard's: the whole vocabulary), else ``width``."""
+    spec = _SHARDED.get(module)
+    return spec[3] if spec is not None and spec[0] == "gather" else width
 
 
 def is_sharded(module) -> bool:

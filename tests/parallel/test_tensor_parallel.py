@@ -37,6 +37,8 @@ def test_tp2_equals_tp1(tp1, tmp_path):
     r = torchrun(2, worker("tp_worker.py"), str(out), "--tp", "2")
     assert r.returncode == 0, r.stderr[-3000:]  # (the worker also checks that both ranks got the same outputs)
     tp2 = json.loads(out.read_text())
+    for family in ("qwen2", "llama"):  # a second engine over the same sharded objects reuses them as they are
+        assert tp2.pop(f"{family}/reused") == dict(same=True, hooks=1)
     for key, rec in tp2.items():
         want = tp1[key]
         assert rec["tp"] == 2 and rec["sharded"], key
@@ -50,6 +52,8 @@ def test_tp2_equals_tp1(tp1, tmp_path):
 
 def test_one_rank_process_group_equals_tp1_exactly(tp1, tmp_path):
     forced = _alone(tmp_path / "out.json", RAST_FORCE_PG="1")
+    for family in ("qwen2", "llama"):
+        assert forced.pop(f"{family}/reused") == dict(same=True, hooks=1)
     for key, rec in forced.items():
         assert rec["sharded"] and rec["tp"] == 1, key  # the collective code path ran, on one rank
         assert {k: rec[k] for k in ("greedy", "sampled", "logprobs")} == \

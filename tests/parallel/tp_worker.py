@@ -46,6 +46,14 @@ def main():
                 logprobs=[o.logprobs for o in sampled], kv_heads=engine.lanes[0].cache.layers[0].keys.shape[2],
                 expert_kv_heads=engine.lanes[1].cache.layers[0].keys.shape[2],
                 tp=engine.tensor_parallel_size, sharded=ctx is not None)
+            if ctx is not None and not fused and not shard_experts:
+                # a second engine over the same (already sharded) objects: the shards and hooks are reused, once
+                again = RastEngine(*trio, tokenizer=tok, tensor_parallel_size=args.tp, max_batch_size=4,
+                                   max_seq_len=64, fused_decode=False)
+                out = again.generate(PROMPTS, temperature=0.0, alpha=0.7, max_new_tokens=8, eos_token_id=[])
+                hooks = len(trio[0].model.layers[0].self_attn.o_proj._forward_hooks)
+                result[f"{family}/reused"] = dict(same=[o.token_ids for o in out] == [o.token_ids for o in greedy],
+                                                  hooks=hooks)
             # the engine shards its models in place: fresh ones for the next engine
             trio = [make_model(family, w, s) for w, s in zip(WIDTHS.values(), seeds)]
     parts = gather_objects(result, dst=0)
