@@ -19,7 +19,7 @@ def test_bench_eval_runs_and_the_systems_agree(tmp_path):
     assert rows[0]["pass_at_1"] == rows[1]["pass_at_1"] and rows[0]["new_tokens"] == rows[1]["new_tokens"]
 
 
-def test_bench_eval_option_error():
+def test_bench_eval_option_error_as_a_subprocess():
     r = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--problems", "0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--problems" in r.stderr, r.stderr

@@ -269,3 +269,14 @@ def test_bench_serving_tiny(tmp_path, bench_modules, capsys):
     assert rows["continuous"]["peak_kv_held_tokens"] <= result["kv_cache_tokens"]
     assert rows["continuous"]["mean_occupancy"] > rows["static"]["mean_occupancy"]
     assert math.isfinite(rows["decode_step_paged"]["ms_per_step"])  # a difference of two timings: no sign asserted
+
+
+def test_bench_bandwidth_tiny(tmp_path, bench_modules, capsys):
+    """The bandwidth probe writes its copy / read figures and one row per (shape, batch) with every backend."""
+    out = tmp_path / "out"
+    _main("bench_bandwidth", ["--shapes", "64x32", "33x17", "--batch", "1", "3", "--stream-mib", "64", "--repeats", "3",
+                              "--out", str(out)], capsys)
+    result = json.loads((out / "bandwidth.json").read_text())
+    assert result["copy_gb_s"] > 0 and result["read_gb_s"] > 0
+    assert [(r["n"], r["k"], r["m"]) for r in result["rows"]] == [(64, 32, 1), (64, 32, 3), (33, 17, 1), (33, 17, 3)]
+    assert all(math.isfinite(r["torch_linear_gb_s"]) and r["weight_mb"] >= 0 for r in result["rows"])  # no timing asserted

@@ -157,6 +157,11 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
         "bench_decode_attention": [(["--batch", "0"], "--batch"), (["--num-splits", "65"], "--num-splits"),
                                    (["--pad", "-1"], "--pad"), (["--block-size", "0"], "--block-size"),
                                    (["--out", bad_out], "--out")],
+        "bench_bandwidth": [(["--shapes", "8x"], "--shapes"), (["--shapes", "0x4"], "--shapes"),
+                            (["--batch", "0"], "--batch"), (["--stream-mib", "1"], "--stream-mib"),
+                            (["--out", bad_out], "--out")],
+        "bench_eval": [(["--problems", "0"], "--problems"), (["--n", "0"], "--n"), (["--systems", "fifo"], "--systems"),
+                       (["--out", bad_out], "--out")],
         "profile_decode_step": [(["--out", str(tmp_path), "--steps", "0"], "--steps"),
                                 (["--out", str(tmp_path), "--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
     }
