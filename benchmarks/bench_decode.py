@@ -75,6 +75,8 @@ ENGINE_VARIANTS = {
     "engine_overlap": dict(overlap_models=True),
 }
 SYSTEMS = (*ENGINE_VARIANTS, "engine_2pairs", "peer_loop", "base_alone", "floor")
+# time_engine times steady-state step() calls: 2 + 3 poll windows of the engine's 4 decode steps at least
+MIN_NEW_TOKENS = 2 + 3 * 4
 # the floor row of each number of pairs (0: the base alone)
 FLOORS = {0: "floor_base_alone", 1: "floor", 2: "floor_2pairs"}
 # single-process eager loops: not under tensor parallelism (base_alone's engine half still runs)
@@ -96,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch sizes, 1..4096 (default 1 8; 1 2 with --tiny)")
     p.add_argument("--prompt-len", type=_cli.int_range(1), default=None,
                    help="prompt tokens per row, >= 1 (default 256; 16 with --tiny)")
-    p.add_argument("--new-tokens", type=_cli.int_range(2), default=None,
-                   help="tokens generated per row, >= 2 (default 128; 16 with --tiny)")
+    p.add_argument("--new-tokens", type=_cli.int_range(MIN_NEW_TOKENS), default=None,
+                   help=f"tokens generated per row, >= {MIN_NEW_TOKENS} (steady-state engine steps need three poll "
+                        "windows past the first token; default 128; 16 with --tiny)")
     p.add_argument("--peer-new-tokens", type=_cli.int_range(2), default=None,
                    help="tokens for the peer loop, >= 2 (default: --new-tokens)")
     p.add_argument("--repeats", type=_cli.int_range(1), default=None,

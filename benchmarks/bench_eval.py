@@ -37,20 +37,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=_cli.int_range(1), default=8, help="samples per problem and configuration (default 8)")
     p.add_argument("--max-batch-size", type=_cli.int_range(1), default=256, help="decode slots (default 256)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="what to time")
+    p.add_argument("--warmup-problems", type=_cli.int_range(0), default=64,
+                   help="an untimed evaluation of this many problems per system first (default 64; 0: none): the "
+                        "first evaluation in a process pays one-time costs, about 10 s here, that would favour "
+                        "whichever system runs second")
     p.add_argument("--out", type=_cli.output_dir, default=None, help="directory for eval.json")
     args = p.parse_args(argv)
     args.out = Path(args.out) if args.out is not None else None
     return args
 
 
-def run_one(system: str, args, work: str) -> dict:
-    """One evaluation with ``--scheduling system`` into a fresh folder; its summary's run stats and pass@1."""
+def run_one(system: str, args, work: str, problems: int) -> dict:
+    """One evaluation of ``problems`` problems with ``--scheduling system`` into a fresh folder; its summary's
+    run stats and pass@1."""
     import json
 
     from rast_kernels.eval import cli
 
-    out = os.path.join(work, system)
-    argv = ["--toy", "--max-problems", str(args.problems), "--base-only", "--expert-only", "--alpha", "1",
+    out = os.path.join(work, f"{system}-{problems}")
+    argv = ["--toy", "--max-problems", str(problems), "--base-only", "--expert-only", "--alpha", "1",
             "--n", str(args.n), "--k", "1", str(args.n), "--max-batch-size", str(args.max_batch_size),
             "--scheduling", system, "--no-progress", "--out", out]
     t0 = time.perf_counter()
@@ -69,10 +74,13 @@ def run(args, checkpoint=None) -> dict:
 
     result = dict(benchmark="eval", date=utc_now(), device=device_name(torch.device("cpu")), versions=versions(),
                   settings=dict(problems=args.problems, n=args.n, max_batch_size=args.max_batch_size,
-                                configurations=3), rows=[])
+                                configurations=3, warmup_problems=args.warmup_problems), rows=[])
     with tempfile.TemporaryDirectory() as work:
+        if args.warmup_problems:
+            for system in args.systems:
+                run_one(system, args, work, args.warmup_problems)
         for system in args.systems:
-            row = run_one(system, args, work)
+            row = run_one(system, args, work, args.problems)
             result["rows"].append(row)
             print(f"{system:10s} " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "system"), flush=True)
             if checkpoint is not None:

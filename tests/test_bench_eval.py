@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_eval_runs_and_the_systems_agree(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--problems", "12", "--n", "2",
-                        "--max-batch-size", "8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                        "--max-batch-size", "8", "--warmup-problems", "2", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [row["system"] for row in rows] == ["continuous", "static"]

@@ -144,7 +144,7 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
                           (["--repeats", "0"], "--repeats"), (["--device", "nonsense"], "--device"),
                           (["--copy-mib", "0"], "--copy-mib"), (["--pairs", "0"], "--pairs"),
                           (["--out", bad_out], "--out")],
-        "bench_decode": [(["--batch", "0"], "--batch"), (["--new-tokens", "1"], "--new-tokens"),
+        "bench_decode": [(["--batch", "0"], "--batch"), (["--new-tokens", "13"], "--new-tokens"),
                          (["--repeats", "0"], "--repeats"), (["--top-p", "0"], "--top-p"),
                          (["--temperature", "-1"], "--temperature"), (["--device", "nonsense"], "--device"),
                          (["--tiny", "--max-seq-len", "5"], "--max-seq-len"),
