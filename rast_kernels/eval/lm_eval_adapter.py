@@ -1,8 +1,10 @@
 """An lm-evaluation-harness model for RAST, registered as ``"rast"`` (needs ``pip install lm-eval``).
 
-``import rast_kernels.eval.lm_eval_adapter`` registers it; the harness's own CLI does not import third-party
-models, so the command line goes through this module, which registers the model and then runs lm-eval's CLI
-with the same arguments::
+``import rast_kernels.eval.lm_eval_adapter`` registers it. The package also declares it as an ``lm_eval.models``
+entry point, which lm-eval's plugin discovery (merged upstream after the 0.4.13 release) reads, so there
+``lm_eval --model rast ...`` works as it is. lm-eval 0.4.13's own CLI imports no third-party model, so with it the
+command line goes through this module, which registers the model and then runs lm-eval's CLI with the same
+arguments::
 
     python -m rast_kernels.eval.lm_eval_adapter --model rast \\
         --model_args base=Qwen/Qwen2.5-32B,expert=my/rl-14b,expert_base=Qwen/Qwen2.5-14B,alpha=0.5 --tasks gsm8k

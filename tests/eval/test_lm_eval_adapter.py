@@ -94,3 +94,20 @@ def test_bad_model_args():
         RastLM(base=TRIO["base"], alhpa=0.5)
     with pytest.raises(ValueError, match="dtype"):
         RastLM(base=TRIO["base"], dtype="fp8")
+
+
+def test_entry_point_resolves_through_lm_evals_registry():
+    """The installed package's ``lm_eval.models`` entry point names RastLM, and lm-eval's own Registry (the
+    mechanism its plugin discovery feeds, after 0.4.13) materialises it from the entry point."""
+    import importlib.metadata as md
+
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import Registry
+
+    from rast_kernels.eval.lm_eval_adapter import RastLM
+
+    (ep,) = [e for e in md.entry_points(group="lm_eval.models") if e.name == "rast"]
+    assert ep.value == "rast_kernels.eval.lm_eval_adapter:RastLM" and ep.load() is RastLM
+    registry = Registry("models", base_cls=LM)
+    registry.register("rast", target=ep)
+    assert registry.get("rast") is RastLM
