@@ -17,7 +17,8 @@ struct ArgTypeError : std::runtime_error {
   explicit ArgTypeError(const std::string& what) : std::runtime_error(what) {}
 };
 
-// CPU kernel of rast_sample (see rast_sample.cpp). base/expert/expert_base: [B, V_*] fp32/bf16/fp16,
+// CPU kernel of rast_sample with one expert pair: rast_sample_pairs_cpu with K = 1 and base plausibility off
+// (see rast_sample.cpp). base/expert/expert_base: [B, V_*] fp32/bf16/fp16,
 // last dim contiguous; alpha, temperature, top_p, min_p: float32 [B]; top_k, seed, offset: int64 [B];
 // out: int64 [B]; logprobs: float32 [B] or None.
 void rast_sample_cpu(const at::Tensor& base, const at::Tensor& expert, const at::Tensor& expert_base,

@@ -6,7 +6,10 @@
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -81,36 +84,11 @@ void rast_sample_cpu(const at::Tensor& base, const at::Tensor& expert, const at:
   if (logprobs.has_value()) check_vector("logprobs", *logprobs, batch, at::kFloat, false);
   if (batch == 0) return;
 
-  const cpu::DType tb = logits_dtype("base_logits", base), te = logits_dtype("expert_logits", expert),
-                   teb = logits_dtype("expert_base_logits", expert_base);
-  const auto* pb = static_cast<const char*>(base.data_ptr());
-  const auto* pe = static_cast<const char*>(expert.data_ptr());
-  const auto* peb = static_cast<const char*>(expert_base.data_ptr());
-  const int64_t sb = base.stride(0) * base.element_size(), se = expert.stride(0) * expert.element_size(),
-                seb = expert_base.stride(0) * expert_base.element_size();
-  const float* a = alpha.data_ptr<float>();
-  const float* t = temperature.data_ptr<float>();
-  const float* p = top_p.data_ptr<float>();
-  const float* m = min_p.data_ptr<float>();
-  const int64_t* k = top_k.data_ptr<int64_t>();
-  const int64_t* s = seed.data_ptr<int64_t>();
-  const int64_t* o = offset.data_ptr<int64_t>();
-  int64_t* tok = out.data_ptr<int64_t>();
-  const int64_t tok_stride = out.stride(0);
-  float* lp = logprobs.has_value() ? logprobs->data_ptr<float>() : nullptr;
-  const int64_t lp_stride = lp ? logprobs->stride(0) : 0;
-
-  // one row per task: rows are independent and each is a few hundred microseconds at LM vocab sizes
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    cpu::Workspace ws;
-    for (int64_t r = begin; r < end; ++r) {
-      const cpu::RowInput in{pb + r * sb, pe + r * se, peb + r * seb, tb, te, teb, vocab_size};
-      const cpu::RowParams prm{a[r], t[r], p[r], m[r], k[r], s[r], o[r]};
-      const cpu::RowResult res = cpu::sample_row(in, prm, lp != nullptr, ws);
-      tok[r * tok_stride] = res.token;
-      if (lp) lp[r * lp_stride] = res.logprob;
-    }
-  });
+  // one pair is the K-pair kernel with K = 1 and base plausibility off: the same arithmetic, bit for bit
+  const at::Tensor off = at::zeros({batch}, alpha.options());
+  rast_sample_pairs_cpu(base, {expert}, {expert_base}, alpha.view({batch, 1}), temperature, top_k, top_p, min_p,
+                        off, at::full({batch}, -std::numeric_limits<float>::infinity(), alpha.options()), seed,
+                        offset, vocab_size, out, logprobs);
 }
 
 void rast_sample_pairs_cpu(const at::Tensor& base, const std::vector<at::Tensor>& experts,
@@ -185,7 +163,7 @@ void rast_sample_pairs_cpu(const at::Tensor& base, const std::vector<at::Tensor>
         const Pair& q = pairs[j];
         row_pairs[j] = cpu::PairInput{q.e + r * q.se, q.eb + r * q.seb, q.te, q.teb, a[r * num_pairs + j]};
       }
-      const cpu::RowParams prm{a[r * num_pairs], t[r], p[r], m[r], k[r], s[r], o[r]};
+      const cpu::RowParams prm{t[r], p[r], m[r], k[r], s[r], o[r]};
       const cpu::RowResult res = cpu::sample_row_pairs(pb + r * sb, tb, row_pairs.data(), static_cast<int>(num_pairs),
                                                        vocab_size, prm, bp[r], lbp[r], lp != nullptr, ws);
       tok[r * tok_stride] = res.token;

@@ -177,16 +177,8 @@ struct F16 {
 };
 
 // ---------------------------------------------------------------- one row
-struct RowInput {
-  const void* base;
-  const void* expert;
-  const void* expert_base;
-  DType base_dtype, expert_dtype, expert_base_dtype;
-  int64_t vocab_size;
-};
-
 struct RowParams {
-  float alpha, temperature, top_p, min_p;
+  float temperature, top_p, min_p;
   int64_t top_k, seed, offset;
 };
 
@@ -204,50 +196,6 @@ struct Workspace {
 };
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// z = base + alpha * (expert - expert_base) in fp32 (one rounding per operation, as the reference),
-// -inf where any input is -inf.
-template <class TB, class TE, class TEB>
-void combine_row(const void* base, const void* expert, const void* expert_base, float alpha, int64_t n,
-                 float* z) {
-  const auto* b = static_cast<const typename TB::storage*>(base);
-  const auto* e = static_cast<const typename TE::storage*>(expert);
-  const auto* eb = static_cast<const typename TEB::storage*>(expert_base);
-  for (int64_t i = 0; i < n; ++i) {
-    const float vb = TB::load(b[i]), ve = TE::load(e[i]), veb = TEB::load(eb[i]);
-    const float d = ve - veb;
-    const float s = alpha * d;
-    const float v = vb + s;
-    const bool masked = (vb == -kInf) | (ve == -kInf) | (veb == -kInf);
-    z[i] = masked ? -kInf : v;
-  }
-}
-
-template <class TB, class TE>
-void combine_row_3(DType t3, const RowInput& in, float alpha, float* z) {
-  switch (t3) {
-    case DType::kFloat32: return combine_row<TB, TE, F32>(in.base, in.expert, in.expert_base, alpha, in.vocab_size, z);
-    case DType::kBFloat16: return combine_row<TB, TE, BF16>(in.base, in.expert, in.expert_base, alpha, in.vocab_size, z);
-    case DType::kFloat16: return combine_row<TB, TE, F16>(in.base, in.expert, in.expert_base, alpha, in.vocab_size, z);
-  }
-}
-
-template <class TB>
-void combine_row_2(const RowInput& in, float alpha, float* z) {
-  switch (in.expert_dtype) {
-    case DType::kFloat32: return combine_row_3<TB, F32>(in.expert_base_dtype, in, alpha, z);
-    case DType::kBFloat16: return combine_row_3<TB, BF16>(in.expert_base_dtype, in, alpha, z);
-    case DType::kFloat16: return combine_row_3<TB, F16>(in.expert_base_dtype, in, alpha, z);
-  }
-}
-
-inline void combine_any(const RowInput& in, float alpha, float* z) {
-  switch (in.base_dtype) {
-    case DType::kFloat32: return combine_row_2<F32>(in, alpha, z);
-    case DType::kBFloat16: return combine_row_2<BF16>(in, alpha, z);
-    case DType::kFloat16: return combine_row_2<F16>(in, alpha, z);
-  }
-}
 
 inline bool params_valid(const RowParams& p) {
   // a temperature must be finite: +inf (or NaN) is a bad parameter value, as on the host
@@ -343,16 +291,6 @@ inline float top_p_threshold(const float* z, int64_t n, float zmax, float tau, f
 
 // Sample one row whose combined logits z (n columns) are in ws.z, parameters already checked.
 inline RowResult sample_combined(int64_t n, const RowParams& prm, bool want_logprob, Workspace& ws);
-
-// Sample one row (vocab_size columns of the three inputs); the row's scratch lives in ws.
-inline RowResult sample_row(const RowInput& in, const RowParams& prm, bool want_logprob, Workspace& ws) {
-  const RowResult bad{-1, std::numeric_limits<float>::quiet_NaN()};
-  if (!params_valid(prm)) return bad;
-  const int64_t n = in.vocab_size;
-  ws.z.resize(static_cast<size_t>(n));
-  combine_any(in, prm.alpha, ws.z.data());
-  return sample_combined(n, prm, want_logprob, ws);
-}
 
 // ---------------------------------------------------------------- K expert pairs, base plausibility
 // Columns [i0, i0 + m) of a row as fp32 into out (one dtype switch per block, so the loop vectorises).
