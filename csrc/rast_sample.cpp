@@ -67,23 +67,10 @@ void rast_sample_cpu(const at::Tensor& base, const at::Tensor& expert, const at:
                      const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
                      const at::Tensor& offset, int64_t vocab_size, at::Tensor& out,
                      const std::optional<at::Tensor>& logprobs) {
+  // alpha is [B] here, [B, K] there; every other argument is checked by rast_sample_pairs_cpu, with these names
   if (base.dim() != 2) throw std::invalid_argument("base_logits: expected a 2-D tensor [B, V], got " + describe(base));
   const int64_t batch = base.size(0);
-  if (vocab_size < 1) throw std::invalid_argument("vocab_size: must be >= 1, got " + std::to_string(vocab_size));
-  check_logits("base_logits", base, batch, vocab_size);
-  check_logits("expert_logits", expert, batch, vocab_size);
-  check_logits("expert_base_logits", expert_base, batch, vocab_size);
   check_vector("alpha", alpha, batch, at::kFloat, true);
-  check_vector("temperature", temperature, batch, at::kFloat, true);
-  check_vector("top_k", top_k, batch, at::kLong, true);
-  check_vector("top_p", top_p, batch, at::kFloat, true);
-  check_vector("min_p", min_p, batch, at::kFloat, true);
-  check_vector("seed", seed, batch, at::kLong, true);
-  check_vector("offset", offset, batch, at::kLong, true);
-  check_vector("out", out, batch, at::kLong, false);
-  if (logprobs.has_value()) check_vector("logprobs", *logprobs, batch, at::kFloat, false);
-  if (batch == 0) return;
-
   // one pair is the K-pair kernel with K = 1 and base plausibility off: the same arithmetic, bit for bit
   const at::Tensor off = at::zeros({batch}, alpha.options());
   rast_sample_pairs_cpu(base, {expert}, {expert_base}, alpha.view({batch, 1}), temperature, top_k, top_p, min_p,
