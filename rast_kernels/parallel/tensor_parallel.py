@@ -34,12 +34,14 @@ kernels are not bit-reproducible across devices: one ``int64`` and one ``float32
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
+from . import groups
 from .groups import ParallelContext
 
 _FAMILIES = ("llama", "qwen2", "mistral")
@@ -194,10 +196,6 @@ def engine_context(tensor_parallel_size: Optional[int]) -> Optional[ParallelCont
     parallelism. ``tensor_parallel_size`` None: the context :func:`~.groups.init_parallel` already made, else, under
     torchrun, the world size; an int: :func:`~.groups.init_parallel` of that size. Tensor parallelism runs when the
     TP group has more than one rank, or as a real one-rank group (``RAST_FORCE_PG=1``: the code path on one GPU)."""
-    import os
-
-    from . import groups
-
     ctx = groups.current()
     if ctx is None:
         if not (groups.launched() or groups.group_forced()) and tensor_parallel_size in (None, 1):
