@@ -107,7 +107,7 @@ GENERATE_CASES = [
     (["--expert-device", "nonsense"], "--expert-device"), (["--seed", "-1"], "--seed"), (["--alpha", "inf"], "--alpha"),
     (["--stream", "--prompt", "y"], "--stream"), (["--stop", ""], "--stop"),
     (["--expert", "b", "d"], "--expert-base"), (["--alpha", "1", "2"], "--alpha"),
-    (["--base-plausibility", "2"], "--base-plausibility"),
+    (["--base-plausibility", "2"], "--base-plausibility"), (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
 ] + ([(["--device", "cuda"], "--device")] if NO_CUDA else [])
 
 

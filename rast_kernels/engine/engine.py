@@ -184,12 +184,14 @@ class RastEngine:
                 or not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be a number in (0, 1], got {gpu_memory_utilization!r}")
         for name, v, none_ok in (("use_cuda_graph", use_cuda_graph, False), ("fused_decode", fused_decode, True),
-                                 ("overlap_models", overlap_models, False), ("diagnostics", diagnostics, False)):
+                                 ("overlap_models", overlap_models, False), ("diagnostics", diagnostics, False),
+                                 ("shard_experts", shard_experts, False)):
             if not isinstance(v, bool) and not (none_ok and v is None):
                 raise TypeError(f"{name}: expected a bool{' or None' if none_ok else ''}, got {type(v).__name__}")
-        if not isinstance(shard_experts, bool):
-            raise TypeError(f"shard_experts: expected a bool, got {type(shard_experts).__name__}")
         self.parallel = engine_context(tensor_parallel_size)  # None: one process, nothing sharded
+        if shard_experts and self.parallel is None:
+            raise ValueError("shard_experts: needs tensor parallelism (tensor_parallel_size > 1 under torchrun, or "
+                             "RAST_FORCE_PG=1); nothing would be sharded")
         if self.parallel is not None and devices is None:
             devices = self.parallel.device
         experts, expert_bases = _pair_specs(expert, expert_base)

@@ -49,6 +49,8 @@ BAD = [
     (["--toy", "--n", "0"], "--n", "must be >= 1"),
     (["--toy", "--top-p", "0"], "--top-p", "must be in (0, 1]"),
     (["--toy", "--alpha", "nan"], "--alpha", "must be finite"),
+    (["--toy", "--scheduling", "fifo"], "--scheduling", "invalid choice"),
+    (["--toy", "--tensor-parallel-size", "0"], "--tensor-parallel-size", ">= 1"),
 ]
 
 

@@ -90,6 +90,8 @@ def test_argument_errors_without_a_launch():
         RastEngine(model, None, None, tokenizer=tok, devices="cpu", max_seq_len=32, tensor_parallel_size=2)
     with pytest.raises(TypeError, match="shard_experts: expected a bool"):
         RastEngine(model, None, None, tokenizer=tok, devices="cpu", max_seq_len=32, shard_experts="yes")
+    with pytest.raises(ValueError, match="shard_experts: needs tensor parallelism"):
+        RastEngine(model, None, None, tokenizer=tok, devices="cpu", max_seq_len=32, shard_experts=True)
     engine = RastEngine(model, None, None, tokenizer=tok, devices="cpu", max_seq_len=32, tensor_parallel_size=1)
     assert engine.parallel is None and engine.tensor_parallel_size == 1 and current() is None  # nothing set up
     assert shard_reason(model, 2) is None
