@@ -69,6 +69,7 @@ def make_untrained(root: str, seed: int = 0) -> dict:
 
 def build_parser():
     from rast_kernels import _cli
+    from rast_kernels.engine import add_engine_arguments
 
     ap = _cli.ArgumentParser(prog="generate.py", description=__doc__.replace("``", ""),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,30 +79,13 @@ def build_parser():
                      "expert pair")
     src.add_argument("--expert-base", nargs="+",
                      help="the expert's base model id or path (what the expert was tuned from); one per --expert")
-    src.add_argument("--tokenizer", help="tokenizer id or path (default: the one saved with the models)")
     src.add_argument("--make-untrained", metavar="DIR", type=_cli.output_dir,
                      help="build three tiny UNTRAINED random models in DIR and use them (gibberish output)")
-    eng = ap.add_argument_group("engine")
-    eng.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    eng.add_argument("--device", type=_cli.device, default=None,
-                     help="device for all three models: cpu, cuda or cuda:N (default: cuda:0 if any, else cpu)")
-    eng.add_argument("--expert-device", type=_cli.device, default=None,
-                     help="device of the expert and the expert base (default: --device)")
-    eng.add_argument("--max-batch-size", type=_cli.int_range(1), default=8,
-                     help="most prompts decoded together, >= 1 (default 8)")
-    eng.add_argument("--max-seq-len", type=_cli.int_range(2), default=2048,
-                     help="KV-cache length per row: prompt + new tokens, >= 2 (default 2048)")
-    eng.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
-    eng.add_argument("--no-fused-decode", action="store_true",
-                     help="decode through transformers' forward instead of the engine's fused forward (CUDA)")
-    eng.add_argument("--tensor-parallel-size", type=_cli.int_range(1), default=None,
-                     help="shard the base model over this many torchrun ranks (default: the world size under "
-                          "torchrun, else 1); rank 0 prints")
-    eng.add_argument("--shard-experts", action="store_true",
-                     help="with tensor parallelism, shard the experts too (default: replicated on every rank)")
-    eng.add_argument("--overlap-models", action="store_true",
-                     help="run the two small models on their own CUDA streams (CUDA, one device)")
+    # every engine setting, under the engine's names (rast_kernels.engine.config): --max-batch-size,
+    # --speculative-tokens, --no-cuda-graph, --fused-decode, --tensor-parallel-size (rank 0 prints), ...
+    add_engine_arguments(ap, max_seq_len=2048)
+    ap.add_argument("--expert-device", type=_cli.device, default=None,
+                    help="device of the experts and expert bases (default: --device)")
     gen = ap.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--prompt-file", type=_cli.existing_file, help="a UTF-8 file with one prompt per line")
@@ -169,6 +153,8 @@ def main(argv=None) -> int:
         print(f"[untrained random models built in {args.make_untrained}: output is meaningless]", file=sys.stderr)
         args.base, args.expert, args.expert_base = paths["base"], [paths["expert"]], [paths["expert_base"]]
 
+    from rast_kernels.engine import EngineConfig
+
     devices = None
     if args.device or args.expert_device:
         from rast_kernels.engine.loading import default_device
@@ -179,12 +165,7 @@ def main(argv=None) -> int:
     try:
         expert, expert_base = (args.expert, args.expert_base) if len(args.expert) > 1 else \
             (args.expert[0], args.expert_base[0])
-        engine = RastEngine(args.base, expert, expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
-                            devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                            use_cuda_graph=not args.no_cuda_graph,
-                            fused_decode=False if args.no_fused_decode else None,
-                            overlap_models=args.overlap_models, tensor_parallel_size=args.tensor_parallel_size,
-                            shard_experts=args.shard_experts)
+        engine = RastEngine(args.base, expert, expert_base, config=EngineConfig.from_args(args, devices=devices))
     except (OSError, ValueError) as exc:
         # a model id or path that does not load, or three models that do not fit together: the user's
         # input, so one line (transformers' messages run over several lines; the first says what failed)

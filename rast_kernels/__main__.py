@@ -1,4 +1,4 @@
-"""Command line: python -m rast_kernels {info, demo, eval, serve} [options] | --version."""
+"""Command line: python -m rast_kernels {info, selftest, demo, eval, serve} [options] | --version."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -32,7 +32,8 @@ def info() -> str:
         "backends:",
         f"  triton              {'yes' if _backends.has_triton() else 'no'}"
         + (" (interpreter: TRITON_INTERPRET set)" if _backends.triton_interpreting() else ""),
-        f"  compiled CPU (_C)   {'yes' if mod is not None else 'no (extension not built)'}",
+        # why it did not import: not built, or built against another torch / CUDA (the ImportError says which)
+        f"  compiled CPU (_C)   {'yes' if mod is not None else f'no ({_backends.cpp_import_error()})'}",
         f"  compiled CUDA (_C)  {'yes' if _backends.has_cpp_cuda() else 'no'}",
     ]
     if mod is not None and hasattr(mod, "__build_info__"):
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _cli.ArgumentParser(prog="python -m rast_kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"rast_kernels {rast_kernels.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo,eval,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,selftest,demo,eval,serve}")
     sub.add_parser("info", help="versions, backends and GPU")
+    sub.add_parser("selftest", help="check every kernel against its reference and the engine's graph against eager "
+                                    "(options: selftest --help)", add_help=False)
     # the other commands parse their own options in their modules, so their --help is the full one
     sub.add_parser("demo", help="RAST on the embedded toy model trio (options: demo --help)", add_help=False)
     sub.add_parser("eval", help="evaluate base, expert and base + delta on datasets (options: eval --help)",
@@ -65,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"info takes no arguments, got {' '.join(rest)}")
         print(info())
         return 0
-    if args.command == "eval":
+    if args.command == "selftest":
+        from rast_kernels.selftest import main as command_main
+    elif args.command == "eval":
         from rast_kernels.eval.cli import main as command_main
     elif args.command == "serve":
         from rast_kernels.serve.cli import main as command_main

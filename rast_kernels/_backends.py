@@ -20,13 +20,35 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_cpp_error = None  # why rast_kernels._C did not import (set by cpp_module)
+
+
 @functools.lru_cache(maxsize=None)
 def cpp_module():
-    """The compiled extension ``rast_kernels._C``, or None when it is not built."""
+    """The compiled extension ``rast_kernels._C``, or None when it did not import (:func:`cpp_import_error` says
+    why). ``cpp_module.cache_clear()`` makes the next call try again."""
+    global _cpp_error
     try:
-        return importlib.import_module("rast_kernels._C")
-    except ImportError:
+        mod = importlib.import_module("rast_kernels._C")
+    except ImportError as exc:
+        # not built (ModuleNotFoundError), or built but unloadable: an undefined symbol from another torch, a
+        # missing CUDA runtime library... only the message tells them apart
+        _cpp_error = f"{type(exc).__name__}: {exc}"
         return None
+    _cpp_error = None
+    return mod
+
+
+def cpp_import_error():
+    """Why ``rast_kernels._C`` did not import (the ImportError's type and message), or None when it did."""
+    cpp_module()
+    return _cpp_error
+
+
+def cpp_unavailable_reason() -> str:
+    """One line for a skip or an error message: ``rast_kernels._C`` did not import, and why."""
+    why = cpp_import_error()
+    return "rast_kernels._C imported" if why is None else f"rast_kernels._C did not import ({why})"
 
 
 def has_cpp_cpu() -> bool:

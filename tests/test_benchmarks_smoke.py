@@ -280,3 +280,42 @@ def test_bench_bandwidth_tiny(tmp_path, bench_modules, capsys):
     assert result["copy_gb_s"] > 0 and result["read_gb_s"] > 0
     assert [(r["n"], r["k"], r["m"]) for r in result["rows"]] == [(64, 32, 1), (64, 32, 3), (33, 17, 1), (33, 17, 3)]
     assert all(math.isfinite(r["torch_linear_gb_s"]) and r["weight_mb"] >= 0 for r in result["rows"])  # no timing asserted
+
+
+def test_bench_speculative_toy(tmp_path, bench_modules, capsys):
+    """The speculative benchmark on the toy trio and the tiny qwen-small-shaped path: acceptance rows whose tokens
+    equal plain decoding's, e2e rows for every system, round costs, and MODEL rows computed from them."""
+    out = tmp_path / "out"
+    _main("bench_speculative", ["--parts", "acceptance", "e2e", "round_cost", "model", "--k", "2", "--alpha", "1",
+                                "--temperature", "0", "--problems", "4", "--batch", "2", "--repeats", "1",
+                                "--threads", "1", "--trio", "tiny", "--prompt-len", "8", "--out", str(out)], capsys)
+    rows = json.loads((out / "speculative.json").read_text())["rows"]
+    acc = [r for r in rows if r["part"] == "acceptance"]
+    assert {r["draft"] for r in acc} == {"expert", "combination"} and all(r["identical"] for r in acc)
+    assert all(r["drafted"] == 2 * r["rounds"] and 1 <= r["tokens_per_round"] <= 3 for r in acc)
+    e2e = {r["system"]: r for r in rows if r["part"] == "e2e"}
+    assert set(e2e) == {"rast", "rast_speculative", "base_alone"} and e2e["rast_speculative"]["identical_to_rast"]
+    costs = [r for r in rows if r["part"] == "round_cost"]
+    assert [r["k"] for r in costs] == [2] and costs[0]["round_ms"] > 0 and costs[0]["verify_ratio"] > 0
+    model = [r for r in rows if r["part"] == "model"]
+    assert model and all(r["label"] == "MODEL" for r in model)  # predictions, never presented as measured
+
+
+def test_tokens_per_round_and_break_even(bench_modules):
+    import bench_speculative as bs
+
+    assert bs.tokens_per_round(0.0, 4) == 1 and bs.tokens_per_round(1.0, 4) == 5
+    assert bs.tokens_per_round(0.5, 2) == pytest.approx(1.75)
+    p = bs._break_even(plain=10.0, rnd=17.5, k=2)  # a round costing 1.75 steps breaks even at p = 0.5
+    assert p == pytest.approx(0.5, abs=1e-6) and math.isnan(bs._break_even(plain=1.0, rnd=5.0, k=2))
+
+
+def test_bench_revision_against_the_last_commit(tmp_path, bench_modules, capsys):
+    if subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "out"
+    _main("bench_revision", ["--rev", "HEAD", "--batch", "1", "--pairs", "2", "--rounds", "1", "--requests", "3",
+                             "--out", str(out)], capsys)
+    rows = {r["measure"]: r for r in json.loads((out / "revision.json").read_text())["rows"]}
+    assert set(rows) == {"step_ms_B1", "serving_tokens_per_s"} and rows["serving_tokens_per_s"]["identical"]
+    assert all(r["new_over_old"] > 0 for r in rows.values())

@@ -1,5 +1,8 @@
 """The compiled extension rast_kernels._C is built, imports, and describes its build."""
+import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,29 +93,58 @@ def test_setup_without_torch_fails_at_once_with_the_right_command():
     assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == __import__("rast_kernels").__version__
 
 
-def _dry_run(tmp_path, script, steps=None):
-    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+def _dry_run(tmp_path, script, steps=None, budget=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}  # the script's defaults
+    env.update(GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     if steps:
         env["GPU_CHECK_STEPS"] = steps
+    if budget:
+        env["GPU_CHECK_BUDGET_S"] = str(budget)
     res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300, env=env)
     return res, (tmp_path / "out" / "summary.txt").read_text()
 
 
+STEPS = ["env", "install", "selftest", "graph", "sampler", "decode", "serving", "engine", "speculative", "attention",
+         "tp", "cext", "ops"]
+
+
 def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh without a GPU: syntax, step functions, every script it runs and the options
-    it passes them (argparse only), pytest folders; so a typo cannot cost a GPU session."""
+    """benchmarks/gpu_check.sh without a GPU: the ordered plan fits the default budget; syntax, step functions,
+    every script it runs and the options it passes them (argparse only), pytest paths; so a typo cannot cost a GPU
+    session."""
     res, summary = _dry_run(tmp_path, ROOT / "benchmarks" / "gpu_check.sh")
     assert res.returncode == 0, summary + res.stdout[-2000:] + res.stderr[-2000:]
-    for name in ("env", "install", "tests", "tp", "decode", "profile", "sampler", "attention"):
+    for name in STEPS:
         assert f"{name:<10} rc=0    dry run" in summary, summary
+    # the printed plan: every step in order of value, the selftest the first measuring step, each with its limit
+    plan = re.findall(r"^ +\d+\. (\w+) +(\d+)s", res.stdout, re.M)
+    assert [name for name, _ in plan] == STEPS[:10] + ["tp", "tp"] + STEPS[11:], res.stdout
+    fit = re.search(r"^plan +rc=0 +(\d+) steps, limits (\d+)s \+ reserve (\d+)s <= budget (\d+)s$", summary, re.M)
+    assert fit, summary
+    steps, limits, reserve, budget = map(int, fit.groups())
+    assert steps == len(plan) and limits == sum(int(limit) for _, limit in plan)
+    assert budget == 540 and limits + reserve <= budget  # the default budget: one device call
     parsed = [line for line in summary.splitlines() if line.startswith("parse")]
-    # 6 benchmark invocations: bench_decode twice (the tp step's under env RAST_FORCE_PG=1, parsed with it set)
-    assert len(parsed) == 6 and all(" rc=0 " in line for line in parsed), summary
+    # 8 invocations: the selftest subcommand, 6 benchmarks, bench_decode again under env RAST_FORCE_PG=1 (parsed
+    # with it set)
+    assert len(parsed) == 8 and all(" rc=0 " in line for line in parsed), summary
+    assert any(line.split()[2:5] == ["-m", "rast_kernels", "selftest"] for line in parsed), summary
     assert any(line.split()[2:4] == ["RAST_FORCE_PG=1", "benchmarks/bench_decode.py"] for line in parsed), summary
+    # one pytest process per step, and no failure count that could end a step before its later tests
+    code = [line for line in (ROOT / "benchmarks" / "gpu_check.sh").read_text().splitlines()
+            if not line.lstrip().startswith("#")]
+    assert not [line for line in code if "--maxfail" in line or "-n auto" in line or "xdist" in line]
+
+
+def test_gpu_check_dry_run_fails_when_the_plan_exceeds_the_budget(tmp_path):
+    # (steps whose commands need no Python start to check)
+    res, summary = _dry_run(tmp_path, ROOT / "benchmarks" / "gpu_check.sh", steps="env install graph", budget=100)
+    assert res.returncode != 0
+    assert re.search(r"^plan +rc=1 +3 steps, limits \d+s \+ reserve \d+s > budget 100s$", summary, re.M), summary
 
 
 def test_gpu_check_dry_run_catches_typos(tmp_path):
-    # the script with a misspelt option and a misspelt test folder, in a copy of the layout whose
+    # the script with a misspelt option and a misspelt test file, in a copy of the layout whose
     # bench_decode.py is a torch-free stand-in with the same options (the real ones are parsed above)
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
@@ -120,17 +152,53 @@ def test_gpu_check_dry_run_catches_typos(tmp_path):
     (root / "benchmarks" / "bench_decode.py").write_text(
         "import argparse\n"
         "p = argparse.ArgumentParser()\n"
-        "for o in ('--trio', '--batch', '--repeats', '--peer-new-tokens', '--out'):\n"
+        "for o in ('--trio', '--batch', '--new-tokens', '--repeats', '--peer-new-tokens', '--systems', '--out'):\n"
         "    p.add_argument(o, nargs='+')\n"
         "p.parse_args()\n"
         "raise SystemExit('the dry run must not get here')\n")
     text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
-    assert "--repeats 2" in text and "tests/ops tests/engine" in text
-    text = text.replace("--repeats 2", "--repeatz 2").replace("tests/ops tests/engine", "tests/opz tests/engine")
+    decode = "--new-tokens 32 --repeats 1 \\\n        --peer-new-tokens"
+    graph = "tests/engine/test_engine_cuda.py $(pytest_args graph)"
+    assert decode in text and graph in text
+    text = text.replace(decode, decode.replace("--repeats", "--repeatz")).replace(graph, graph.replace("cuda", "cudaa"))
     (root / "benchmarks" / "gpu_check.sh").write_text(text)
-    res, summary = _dry_run(tmp_path, root / "benchmarks" / "gpu_check.sh", steps="tests decode")
+    res, summary = _dry_run(tmp_path, root / "benchmarks" / "gpu_check.sh", steps="graph decode")
     assert res.returncode != 0
-    assert "missing tests/opz" in summary and "tests/engine" not in summary.split("missing", 1)[1], summary
+    assert "graph      rc=1    dry run: missing tests/engine/test_engine_cudaa.py" in summary, summary
     parsed = [line for line in summary.splitlines() if line.startswith("parse")]
     assert len(parsed) == 1 and " rc=1 " in parsed[0] and "--repeatz" in parsed[0], summary
     assert "must not get here" not in summary
+
+
+def test_gpu_engine_checks_on_cpu(tmp_path, monkeypatch):
+    """gpu_check.sh's engine step, smoke-run on CPU with the tiny trio (in this process, as the script runs from
+    benchmarks/): the pool and sizing recorded, the workload finished in each of its three passes (no sync debug
+    mode on CPU)."""
+    bench = ROOT / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("gpu_engine_checks", bench / "gpu_engine_checks.py")
+    mod = importlib.util.module_from_spec(spec)
+    argv = ["--trio", "tiny", "--device", "cpu", "--max-seq-len", "64", "--prompt-lens", "3", "20", "--max-new", "6",
+            "--requests", "3", "--max-batch", "4", "--out", str(tmp_path)]
+    try:
+        spec.loader.exec_module(mod)
+        code = mod.main(argv)
+        rec = json.loads((tmp_path / "engine_checks.json").read_text())
+
+        def boom(self):
+            raise RuntimeError("boom")
+
+        from rast_kernels import RastEngine
+
+        monkeypatch.setattr(RastEngine, "step", boom)  # a pass that fails is recorded, not a lost run
+        failed_code = mod.main(argv)
+        failed = json.loads((tmp_path / "engine_checks.json").read_text())
+    finally:  # the scripts' own modules (models, common) are not this suite's
+        for name in [n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "/").parent == bench]:
+            del sys.modules[name]
+    assert code == 0 and rec["ok"], rec
+    assert rec["engine"]["kv_cache_tokens"] == 4 * 64  # CPU: max_batch_size * max_seq_len
+    assert [p["mode"] for p in rec["passes"]] == ["warmup", "warn", "error"]
+    assert all(p["finished"] == 3 and p["sync"] is None and not p["sites"] for p in rec["passes"])
+    assert failed_code == 1 and not failed["ok"] and len(failed["passes"]) == 1
+    assert failed["passes"][0]["failed"]["error"] == "RuntimeError: boom"

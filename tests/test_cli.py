@@ -31,6 +31,35 @@ def test_info_lists_versions_backends_and_gpu(capsys):
     assert text.strip() == info()
 
 
+def test_info_says_why_the_extension_did_not_import(monkeypatch):
+    """An extension built against another torch loads with an undefined symbol (simulated: its import raises
+    that): info, and the skip reason of the C++ tests (``cpp_unavailable_reason``), carry the ImportError."""
+    import importlib
+
+    from rast_kernels import _backends
+
+    why = "ImportError: /site/rast_kernels/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"
+    real = importlib.import_module
+
+    def import_module(name, *args, **kwargs):
+        if name == "rast_kernels._C":
+            raise ImportError(why.split(": ", 1)[1])
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    _backends.cpp_module.cache_clear()
+    try:
+        assert f"compiled CPU (_C)   no ({why})" in info().splitlines()[7]
+        assert _backends.cpp_import_error() == why and not _backends.has_cpp_cpu() and not _backends.has_cpp_cuda()
+        assert _backends.cpp_unavailable_reason() == f"rast_kernels._C did not import ({why})"
+    finally:
+        monkeypatch.undo()
+        _backends.cpp_module.cache_clear()
+    built = _backends.cpp_module() is not None  # back to this installation's state
+    assert (_backends.cpp_import_error() is None) == built
+    assert ("compiled CPU (_C)   yes" in info()) == built
+
+
 def test_version(capsys):
     import rast_kernels
 
@@ -45,7 +74,10 @@ def test_info_rejects_arguments(capsys):
     assert e.value.code == 2 and "--bogus" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,option", [(["eval", "--n", "0"], "--n"), (["serve", "--port", "-1"], "--port")])
+@pytest.mark.parametrize("argv,option", [(["eval", "--n", "0"], "--n"), (["serve", "--port", "-1"], "--port"),
+                                         (["serve", "--toy", "--speculative-tokens", "x"], "--speculative-tokens"),
+                                         (["eval", "--toy", "--speculative-tokens", "99"], "--speculative-tokens"),
+                                         (["serve", "--toy", "--block-size", "0"], "--block-size")])
 def test_entry_point_forwards_eval_and_serve(argv, option, capsys):
     # their options are their modules' own (rast_kernels.eval.cli, rast_kernels.serve.cli)
     _assert_user_error(lambda: main(argv), option, capsys)
@@ -108,6 +140,9 @@ GENERATE_CASES = [
     (["--stream", "--prompt", "y"], "--stream"), (["--stop", ""], "--stop"),
     (["--expert", "b", "d"], "--expert-base"), (["--alpha", "1", "2"], "--alpha"),
     (["--base-plausibility", "2"], "--base-plausibility"), (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    (["--speculative-tokens", "-1"], "--speculative-tokens"), (["--speculative-tokens", "16"], "--speculative-tokens"),
+    (["--speculative-draft", "base"], "--speculative-draft"), (["--fused-decode", "maybe"], "--fused-decode"),
+    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
 ] + ([(["--device", "cuda"], "--device")] if NO_CUDA else [])
 
 
@@ -164,6 +199,13 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
                        (["--out", bad_out], "--out")],
         "profile_decode_step": [(["--out", str(tmp_path), "--steps", "0"], "--steps"),
                                 (["--out", str(tmp_path), "--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
+        "bench_speculative": [(["--k", "0"], "--k"), (["--parts", "nope"], "--parts"), (["--batch", "0"], "--batch"),
+                              (["--problems", "0"], "--problems"), (["--out", bad_out], "--out")],
+        "bench_revision": [(["--pairs", "1"], "--pairs"), (["--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
+        "gpu_engine_checks": [(["--requests", "0"], "--requests"), (["--trio", "bogus"], "--trio"),
+                              (["--max-seq-len", "100"], "--prompt-lens"),  # the default prompts do not fit
+                              (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+                              (["--device", "nonsense"], "--device"), (["--out", bad_out], "--out")],
     }
     for module, module_cases in cases.items():
         mod = bench(module)
@@ -216,3 +258,17 @@ def test_each_cli_as_a_subprocess(tmp_path):
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 2, (cmd, proc.returncode, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and option in err, (cmd, err)
+
+
+def test_every_entry_point_takes_every_engine_setting():
+    """One EngineConfig, one flag per setting, on every command line that builds an engine (issue 19)."""
+    from rast_kernels.engine.config import FIELDS
+    from rast_kernels.eval.cli import build_parser as eval_parser
+    from rast_kernels.serve.cli import build_parser as serve_parser
+
+    generate = _load_script(ROOT / "python" / "generate.py")
+    for name, parser in (("eval", eval_parser()), ("serve", serve_parser()), ("generate.py", generate.build_parser())):
+        words = set(parser.format_help().replace(",", " ").replace("[", " ").replace("]", " ").split())
+        for field in FIELDS:
+            flag = {"devices": "--device", "use_cuda_graph": "--no-cuda-graph"}.get(field, "--" + field.replace("_", "-"))
+            assert flag in words, (name, flag)

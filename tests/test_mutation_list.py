@@ -1,5 +1,5 @@
 """The mutation tool's list (tests/mutation.py) stays valid: every mutant's original snippet occurs exactly once
-in its file and every test it names exists. (Running the mutants is a development step: README, Development.)"""
+in its file and every test it names exists. (Running the mutants is a development step: docs/development.md.)"""
 from __future__ import annotations
 
 import pathlib

@@ -1,4 +1,5 @@
-"""``rast_generate``: one call from three models (ids, paths or loaded models) to generated text."""
+"""``rast_generate``: one call from the models (ids, paths or loaded models) to generated text, with a small cache of
+engines keyed by the models and every engine setting."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from .config import FIELDS as CONFIG_FIELDS
+from .config import EngineConfig
 from .engine import RastEngine
 
 _ENGINE_CACHE_SIZE = 2  # engines hold preallocated KV caches: keep few
@@ -33,42 +36,38 @@ def _settings_key(value):
     return ("object", id(value))
 
 
-def rast_generate(prompts, *, base, expert, expert_base, tokenizer=None, dtype=None, devices=None,
-                  max_batch_size: int = 8, max_seq_len: int = 4096, kv_cache_tokens: Optional[int] = None,
-                  block_size: int = 16, use_cuda_graph: bool = True, attn_implementation: Optional[str] = None,
-                  fused_decode: Optional[bool] = None, overlap_models: bool = False, **generate_kwargs):
+def rast_generate(prompts, *, base, expert=None, expert_base=None, config: Optional[EngineConfig] = None,
+                  **kwargs):
     """Generate with RAST: ``z = z_base + alpha * (z_expert - z_expert_base)`` at every step.
 
     Builds a :class:`RastEngine` from ``base``, ``expert``, ``expert_base`` (model ids, local paths or
     loaded ``PreTrainedModel`` objects; ``expert`` / ``expert_base`` may be lists of K for K pairs, and
-    ``alpha`` then a number or a list of K weights) and the engine settings (``tokenizer``, ``dtype``, ``devices``,
-    ``max_batch_size``, ``max_seq_len``, ``kv_cache_tokens``, ``block_size``, ``use_cuda_graph``,
-    ``attn_implementation``, ``fused_decode``, ``overlap_models``), caches it (the last two distinct
-    configurations; keyed by the model paths / object identities and the settings) and calls
-    :meth:`RastEngine.generate` with ``prompts`` and ``generate_kwargs`` (``sampling_params``, or ``alpha``,
-    ``base_plausibility``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``, ``stop``, ``eos_token_id``, ``n``,
-    ``return_logprobs``; and ``seed``, ``progress``).
+    ``alpha`` then a number or a list of K weights) and the engine settings: ``config`` (an
+    :class:`~.config.EngineConfig`) and/or any of its fields as keywords (``max_batch_size``, ``max_seq_len``,
+    ``speculative_tokens``, ...: every engine setting, under the engine's names), caches it (the last two
+    distinct configurations; keyed by the model paths / object identities and the settings) and calls
+    :meth:`RastEngine.generate` with ``prompts`` and the other keywords (``sampling_params``, or ``alpha``,
+    ``base_plausibility``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``max_new_tokens``, ``stop``,
+    ``eos_token_id``, ``n``, ``return_logprobs``; and ``seed``, ``progress``).
 
     Returns ``list[GenerationOutput]``, one per (prompt, sample), prompt-major (``[]`` for an empty list).
     """
-    engine = get_engine(base, expert, expert_base, tokenizer=tokenizer, dtype=dtype, devices=devices,
-                        max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_cache_tokens=kv_cache_tokens,
-                        block_size=block_size, use_cuda_graph=use_cuda_graph,
-                        attn_implementation=attn_implementation, fused_decode=fused_decode,
-                        overlap_models=overlap_models)
-    return engine.generate(prompts, **generate_kwargs)
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in CONFIG_FIELDS}
+    engine = get_engine(base, expert, expert_base, config=config, **settings)
+    return engine.generate(prompts, **kwargs)
 
 
-def get_engine(base, expert, expert_base, **settings) -> RastEngine:
+def get_engine(base, expert=None, expert_base=None, config: Optional[EngineConfig] = None, **settings) -> RastEngine:
     """The cached :class:`RastEngine` for these models and settings (built on first use)."""
+    cfg = (config or EngineConfig()).replace(**settings)
     key = (_model_key(base), _model_key(expert), _model_key(expert_base),
-           tuple(sorted((k, _settings_key(v)) for k, v in settings.items())))
+           tuple((name, _settings_key(getattr(cfg, name))) for name in CONFIG_FIELDS))
     with _lock:
         engine = _engines.get(key)
         if engine is not None:
             _engines.move_to_end(key)
             return engine
-    engine = RastEngine(base, expert, expert_base, **settings)
+    engine = RastEngine(base, expert, expert_base, config=cfg)
     with _lock:
         _engines[key] = engine
         while len(_engines) > _ENGINE_CACHE_SIZE:

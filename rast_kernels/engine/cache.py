@@ -1,21 +1,18 @@
-"""The engine's paged KV cache: a host block allocator shared by the models, and one device block pool per model.
+"""The engine's paged KV cache: one device block pool per model (the host's block accounting is
+:mod:`.block_manager`).
 
 Owns
 ----
-* :class:`BlockAllocator` (host): ``num_blocks`` physical blocks of ``block_size`` token slots, a free list and a
-  reference count per block (the full prompt blocks of ``n`` samples are shared read-only). Every model of the
-  engine holds the same token positions, so one block id addresses the same slots in every model's pool and one
-  block table per sequence serves all of them (as in the official RAST code's vLLM fork).
 * :class:`PagedKVCache` (device, one per model): per layer a key pool and a value pool
   ``[num_blocks + 1, block_size, H_kv, D]`` (vLLM's flash layout). Token slot ``s = block * block_size + offset``,
   so ``pool.view(-1, H_kv, D)`` is the flat slot view every write uses. The extra last block is scratch: rows that
   are inert (finished, or empty slots of a captured CUDA graph) and prompt padding write there, and nothing reads
   it, so no op needs a "skip" value.
 * The transformers ``Cache`` adapter (the same object): ``update(key, value, layer)`` writes the call's keys and
-  values to :attr:`PagedKVCache.write_slots` and returns, in prefill mode, the call's own keys/values (the prompt
-  block: the 4-D mask the engine passes hides the left padding), in decode mode the row's cache gathered through
-  :attr:`PagedKVCache.gather_index` ``[b, L]`` into a dense ``[b, H_kv, L, D]`` view, which every attention
-  implementation reads with the engine's additive mask. The engine's fused decode forward reads the pools directly
+  values to :attr:`PagedKVCache.write_slots` and returns each row's cache gathered through
+  :attr:`PagedKVCache.gather_index` ``[b, L]`` into a dense ``[b, H_kv, L, D]`` view (the new tokens included),
+  which every attention implementation reads with the engine's additive ``[b, 1, Q, L]`` mask
+  (:class:`~.lanes.KVView`). Prefill chunks, decode steps and speculative verify passes are all this call. The engine's fused decode forward reads the pools directly
   (:func:`rast_kernels.ops.paged_attention.paged_decode_attention`) and needs no gather.
 
 Invariants: pools are allocated once (:meth:`PagedKVCache.allocate`, before any graph capture); the index tensors
@@ -23,55 +20,10 @@ are engine-owned device buffers written in place, so a captured graph replays wi
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
-
-
-class BlockAllocator:
-    """Host-side free list and reference counts of ``num_blocks`` blocks (ids ``0 .. num_blocks - 1``)."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks = int(num_blocks)
-        self.block_size = int(block_size)
-        self._free: List[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        self._refs = [0] * self.num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        """Blocks holding ``num_tokens`` token slots."""
-        return -(-int(num_tokens) // self.block_size)
-
-    def allocate(self, count: int) -> Optional[List[int]]:
-        """``count`` fresh blocks (reference count 1), or None (nothing taken) when fewer are free."""
-        if count > len(self._free):
-            return None
-        out = [self._free.pop() for _ in range(count)]
-        for b in out:
-            self._refs[b] = 1
-        return out
-
-    def share(self, blocks) -> None:
-        """One more holder of each of ``blocks``."""
-        for b in blocks:
-            assert self._refs[b] > 0, f"block {b} is free"
-            self._refs[b] += 1
-
-    def release(self, blocks) -> None:
-        """Drop one holder of each of ``blocks``; a block nobody holds goes back to the free list."""
-        for b in blocks:
-            assert self._refs[b] > 0, f"block {b} released twice"
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                self._free.append(b)
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -97,8 +49,6 @@ class _PagedLayer(CacheLayerMixin):
         # [b, H, q, D] -> [b * q, H, D] rows in slot order of write_slots ([b * q], pads -> the scratch slot)
         k_flat.index_copy_(0, o.write_slots, key_states.transpose(1, 2).reshape(b * q, h, d))
         v_flat.index_copy_(0, o.write_slots, value_states.transpose(1, 2).reshape(b * q, h, d))
-        if o.prefill:
-            return key_states, value_states  # the prompt block; the 4-D mask hides the left padding
         idx = o.gather_index  # [b, L] slots of positions 0 .. L-1 (past a row's length: the scratch slot)
         flat = idx.view(-1)  # index_select: about half the time of advanced indexing on CPU
         n = idx.shape[1]
@@ -136,7 +86,6 @@ class PagedKVCache(Cache):
         self.block_size = int(block_size)
         self.max_seq_len_ = int(max_seq_len)
         self.scratch_slot = self.num_blocks * self.block_size  # first slot of the scratch block
-        self.prefill = False
         self.seq_length = 0  # host bookkeeping for model code that asks; positions come from position_ids
         self.mask_len = self.max_seq_len_
         self.write_slots: Optional[torch.Tensor] = None   # [b * q] int64 slots of this call's tokens
@@ -177,8 +126,8 @@ class PagedKVCache(Cache):
         return True
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Write ``[b, H, q, D]`` keys/values of ``layer_idx`` to :attr:`write_slots`; return the prompt block
-        (prefill) or the gathered ``[b, H, L, D]`` cache (decode)."""
+        """Write ``[b, H, q, D]`` keys/values of ``layer_idx`` to :attr:`write_slots`; return the gathered
+        ``[b, H, L, D]`` cache."""
         return self.layers[layer_idx].update(key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.paged_attention import paged_decode_attention
+from ..ops.paged_attention import paged_decode_attention, paged_multi_token_attention
 from ..ops.rms_norm import add_rms_norm
 from ..ops.rope_cache import rope_cache_write
 from ..ops.silu_mul import silu_mul
@@ -169,40 +169,47 @@ class FusedDecoder:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slot: torch.Tensor, lens: torch.Tensor,
                  block_table: torch.Tensor) -> torch.Tensor:
-        """Logits ``[b, V]`` (model dtype) of one decode step over a paged cache.
+        """Logits ``[b * Q, V]`` (model dtype; row-major over ``[b, Q]``) of ``Q`` new tokens per row over a paged
+        cache: a decode step (``Q = 1``) or a speculative verify pass.
 
-        ``ids``/``pos``: ``[b, 1]`` int64 token and position id per row. ``cache``: the model's
-        :class:`~rast_kernels.engine.cache.PagedKVCache`; the new key/value of row ``i`` go to token slot
-        ``slot[i]``. ``lens``: ``[b]`` each row's cache length, the new token included (0: the row attends to
-        nothing). ``block_table``: ``[b, max_blocks]`` int32. Device ops only (capturable in a CUDA graph)."""
+        ``ids``/``pos``: ``[b, Q]`` int64 tokens and their (consecutive) positions per row. ``cache``: the model's
+        :class:`~rast_kernels.engine.cache.PagedKVCache`; the new keys/values go to the token slots ``slot``
+        ``[b * Q]``. ``lens``: ``[b]`` each row's cache length, the new tokens included (0: the row attends to
+        nothing); query ``j`` of a row reads positions ``< lens - Q + j + 1`` (causal). ``block_table``:
+        ``[b, max_blocks]`` int32. Device ops only (capturable in a CUDA graph)."""
         inner, be = self.model.model, self.backend
-        b = ids.shape[0]
-        h = inner.embed_tokens(ids[:, 0])                       # [b, H]
-        cos, sin = inner.rotary_emb(h.unsqueeze(1), pos)        # [b, 1, D] each, model dtype
-        cos, sin = cos[:, 0], sin[:, 0]
+        b, nq = ids.shape
+        rows = b * nq
+        h = inner.embed_tokens(ids.reshape(-1))                 # [b * Q, H]
+        cos, sin = inner.rotary_emb(h.view(b, nq, -1), pos)     # [b, Q, D] each, model dtype
+        cos, sin = cos.reshape(rows, -1), sin.reshape(rows, -1)
         residual = None
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
             x, residual = add_rms_norm(h, norm.weight, norm.variance_epsilon, residual, backend=be)
             d = attn.head_dim
-            nq, nk = self.n_heads * d, self.n_kv_heads * d
+            nh, nk = self.n_heads * d, self.n_kv_heads * d
             if self.qkv[i] is not None:
-                qkv = self.linear(x, *self.qkv[i])                   # [b, nq + 2 nk]; q/k/v are row-strided views
-                q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+                qkv = self.linear(x, *self.qkv[i])                   # [rows, nh + 2 nk]; q/k/v are row-strided views
+                q, k, v = qkv[:, :nh], qkv[:, nh:nh + nk], qkv[:, nh + nk:]
             else:
                 q, k, v = self._proj(attn.q_proj, x), self._proj(attn.k_proj, x), self._proj(attn.v_proj, x)
-            q, k, v = q.view(b, self.n_heads, d), k.view(b, self.n_kv_heads, d), v.view(b, self.n_kv_heads, d)
+            q, k, v = q.view(rows, self.n_heads, d), k.view(rows, self.n_kv_heads, d), v.view(rows, self.n_kv_heads, d)
             pool = cache.layers[i]
             k_pool, v_pool = pool.keys, pool.values                 # [num_blocks + 1, BS, H_kv, D]
             q = rope_cache_write(q, k, v, cos, sin, k_pool.view(-1, self.n_kv_heads, d),
                                  v_pool.view(-1, self.n_kv_heads, d), slot, backend=be)
-            o = paged_decode_attention(q, k_pool, v_pool, block_table, lens, scale=attn.scaling, backend=be)
-            h = self._proj(attn.o_proj, o.view(b, self.n_heads * d))
+            if nq == 1:
+                o = paged_decode_attention(q, k_pool, v_pool, block_table, lens, scale=attn.scaling, backend=be)
+            else:
+                o = paged_multi_token_attention(q.view(b, nq, self.n_heads, d), k_pool, v_pool, block_table, lens,
+                                                scale=attn.scaling, backend=be)
+            h = self._proj(attn.o_proj, o.reshape(rows, self.n_heads * d))
             norm = layer.post_attention_layernorm
             x, residual = add_rms_norm(h, norm.weight, norm.variance_epsilon, residual, backend=be)
             if self.gate_up[i] is not None:
-                gu = self.linear(x, *self.gate_up[i])                # [b, 2 I]
+                gu = self.linear(x, *self.gate_up[i])                # [rows, 2 I]
                 n_i = mlp.gate_proj.out_features
                 gate, up = gu[:, :n_i], gu[:, n_i:]
             else:

@@ -15,12 +15,12 @@ Seeds (how a sample's random stream is derived; :func:`sample_seed`):
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence, Tuple, Union
 
 from ..ops.philox import mix_seed
+from ..params import ParamError, ParamTypeError, check_param
 
 MAX_EOS_IDS = 16  # EOS ids a request may list (a fixed-width device row per slot)
 
@@ -30,12 +30,31 @@ def sample_seed(seed: int, sample_index: int) -> int:
     return int(seed) if sample_index == 0 else mix_seed(seed, sample_index)
 
 
-def _number(name, value, *, integral=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected {'an int' if integral else 'a number'}, got {type(value).__name__}")
-    if integral and not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    return int(value) if integral else float(value)
+def _stop_strings(stop) -> tuple:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+        raise ParamTypeError("stop", "expected None, a str or a list of str")
+    if any(x == "" for x in stop):
+        raise ParamError("stop", "stop strings must be non-empty")
+    return tuple(stop)
+
+
+def _eos_ids(eos) -> Optional[tuple]:
+    if eos is None:
+        return None
+    if isinstance(eos, numbers.Integral) and not isinstance(eos, bool):
+        eos = (eos,)
+    if not isinstance(eos, (list, tuple)) or not all(
+            isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in eos):
+        raise ParamTypeError("eos_token_id", "expected None, an int or a list of ints ([] disables EOS)")
+    if len(eos) > MAX_EOS_IDS:
+        raise ParamError("eos_token_id", f"at most {MAX_EOS_IDS} ids, got {len(eos)}")
+    if any(e < 0 for e in eos):
+        raise ParamError("eos_token_id", f"ids must be >= 0, got {list(eos)}")
+    return tuple(int(e) for e in eos)
 
 
 @dataclass(frozen=True)
@@ -92,64 +111,23 @@ class SamplingParams:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
         if isinstance(self.alpha, (list, tuple)):
             if not self.alpha:
-                raise ValueError("alpha: a list of weights must not be empty (one per expert pair)")
-            alpha = tuple(_number(f"alpha[{i}]", a) for i, a in enumerate(self.alpha))
+                raise ParamError("alpha", "a list of weights must not be empty (one per expert pair)")
+            alphas = []
+            for i, a in enumerate(self.alpha):
+                if isinstance(a, bool) or not isinstance(a, numbers.Real):
+                    raise ParamTypeError(f"alpha[{i}]", f"expected a number, got {type(a).__name__}")
+                alphas.append(check_param("alpha", a, "alpha"))  # a range error names the whole list's field
+            put("alpha", tuple(alphas))
         else:
-            alpha = _number("alpha", self.alpha)
-        if not all(math.isfinite(a) for a in (alpha if isinstance(alpha, tuple) else (alpha,))):
-            raise ValueError(f"alpha: must be finite, got {self.alpha!r}")
-        plaus = _number("base_plausibility", self.base_plausibility)
-        if not 0 <= plaus <= 1:
-            raise ValueError(f"base_plausibility: must be in [0, 1], got {self.base_plausibility!r}")
-        temperature = _number("temperature", self.temperature)
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
-        top_k = _number("top_k", self.top_k, integral=True)
-        if not 0 <= top_k < 2**63:  # an int64 on the device; any k >= the vocabulary is "off"
-            raise ValueError(f"top_k: must be in [0, 2**63), got {self.top_k!r}")
-        top_p = _number("top_p", self.top_p)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        min_p = _number("min_p", self.min_p)
-        if not 0 <= min_p <= 1:
-            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p!r}")
-        max_new = _number("max_new_tokens", self.max_new_tokens, integral=True)
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens!r}")
-        n = _number("n", self.n, integral=True)
-        if n < 1:
-            raise ValueError(f"n: must be >= 1, got {self.n!r}")
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise TypeError("stop: expected None, a str or a list of str")
-        if any(s == "" for s in stop):
-            raise ValueError("stop: stop strings must be non-empty")
-        eos = self.eos_token_id
-        if eos is not None:
-            if isinstance(eos, numbers.Integral) and not isinstance(eos, bool):
-                eos = (eos,)
-            if not isinstance(eos, (list, tuple)) or not all(
-                    isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in eos):
-                raise TypeError("eos_token_id: expected None, an int or a list of ints ([] disables EOS)")
-            if len(eos) > MAX_EOS_IDS:
-                raise ValueError(f"eos_token_id: at most {MAX_EOS_IDS} ids, got {len(eos)}")
-            if any(e < 0 for e in eos):
-                raise ValueError(f"eos_token_id: ids must be >= 0, got {list(eos)}")
-            eos = tuple(int(e) for e in eos)
-        seed = self.seed
-        if seed is not None:
-            seed = _number("seed", seed, integral=True)
-            if not -(2**63) <= seed < 2**63:
-                raise ValueError(f"seed: must be an int64, got {self.seed!r}")
+            put("alpha", check_param("alpha", self.alpha))
+        for name in ("base_plausibility", "temperature", "top_k", "top_p", "min_p", "max_new_tokens", "n"):
+            put(name, check_param(name, getattr(self, name)))
+        if self.seed is not None:
+            put("seed", check_param("seed", self.seed))
+        put("stop", _stop_strings(self.stop))
+        put("eos_token_id", _eos_ids(self.eos_token_id))
         if not isinstance(self.return_logprobs, bool):
-            raise TypeError(f"return_logprobs: expected a bool, got {type(self.return_logprobs).__name__}")
-        for name, value in dict(alpha=alpha, base_plausibility=plaus, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                max_new_tokens=max_new, n=n, stop=tuple(stop), eos_token_id=eos, seed=seed).items():
-            put(name, value)
+            raise ParamTypeError("return_logprobs", f"expected a bool, got {type(self.return_logprobs).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -161,7 +139,7 @@ class SamplingParams:
         if not isinstance(self.alpha, tuple):
             return (self.alpha,) * num_pairs
         if len(self.alpha) != num_pairs:
-            raise ValueError(f"alpha: {len(self.alpha)} weights given, the engine has {num_pairs} expert pair(s)")
+            raise ParamError("alpha", f"{len(self.alpha)} weights given, the engine has {num_pairs} expert pair(s)")
         return self.alpha
 
     def with_seed(self, seed: int) -> "SamplingParams":

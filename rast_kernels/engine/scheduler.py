@@ -1,29 +1,26 @@
-"""The host scheduler: requests, their sample sequences, decode slots, blocks, admission and preemption.
+"""The host scheduler: the waiting queue, decode slots, KV blocks, admission and preemption, as step plans.
 
 Owns
 ----
-* :class:`Request` (a prompt, its :class:`~.sampling_params.SamplingParams`, ``n`` :class:`Sequence` objects) and
-  :class:`Sequence` (one sample: the tokens the host knows, its blocks, its decode slot);
 * the waiting queue (arrival order; a preempted sequence goes back in its arrival position) and the
   ``num_slots`` decode slots (rows of the device state and of the captured graphs);
-* the block accounting through :class:`~.cache.BlockAllocator`.
+* the block accounting through :class:`~.block_manager.BlockAllocator`;
+* :meth:`Scheduler.schedule`: the next :class:`~.plan.StepPlan` (reserve blocks for the running rows' next decode
+  window, preempting the newest when the pool runs out; compact the running rows into the lowest slots; admit
+  waiting sequences; decode every running row), and what the host learns back: :meth:`Scheduler.finish`,
+  :meth:`Scheduler.abort`, :meth:`Scheduler.observe`.
 
-No tensors here: the engine turns the scheduler's decisions into device work.
+No tensors here. The two policies are strategies (:class:`ContinuousPolicy`, :class:`StaticPolicy`):
+``"continuous"`` (default) admits a waiting sequence as soon as a slot and the blocks for its tokens are free,
+grows running sequences window by window and keeps them in the lowest slots so the decode step runs the smallest
+batch bucket; ``"static"`` is a fixed-batch engine, the baseline ``benchmarks/bench_serving.py`` measures: a batch
+is admitted only when no sequence runs, each sequence holds blocks for ``max_seq_len`` tokens from the start,
+finished rows idle in place until the whole batch ends.
 
-Policies
---------
-``"continuous"`` (default): a waiting sequence is admitted as soon as a slot and the blocks for its tokens are free;
-running sequences get blocks ahead of each decode window (:meth:`Scheduler.reserve_decode`); when the pool runs
-out, the most recently admitted running sequence is preempted (its blocks return to the pool, it waits again and
-is recomputed from its prompt plus the tokens it already has); running sequences are kept in the lowest slots
-(:meth:`Scheduler.compact`) so the decode step runs the smallest batch bucket that holds them.
-``"static"``: the behaviour of a fixed-batch engine, kept as the baseline ``benchmarks/bench_serving.py`` measures:
-a batch is admitted only when no sequence runs, each sequence holds blocks for ``max_seq_len`` tokens from the
-start (a static slab), finished rows idle in place until the whole batch ends.
-
-Invariants: a sequence's ``blocks`` cover every KV position the device may write for it
-(``kv_upper`` counts those positions: the tokens at admission plus one per decode step launched since); a
-block is in the free list iff no sequence holds it; a sequence is in at most one slot.
+Invariants: a sequence's ``blocks`` cover every KV position the device may write for it (``kv_upper`` counts
+those positions: the tokens at admission plus what every decode window launched since may write, lowered again
+by :meth:`Scheduler.observe` once the host knows how far a row really got); a block is in the free list iff no
+sequence holds it; a sequence is in at most one slot, and a slot holds at most one sequence.
 """
 from __future__ import annotations
 
@@ -32,71 +29,95 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional
 
-from .cache import BlockAllocator
-from .sampling_params import SamplingParams
+from .block_manager import BlockAllocator
+from .plan import DecodeWindow, PrefillGroup, SlotInit, StepPlan, kv_bucket
+from .request import FINISHED, RUNNING, WAITING, Request, Sequence
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
-POLICIES = ("continuous", "static")
-
-
-@dataclass(eq=False)
-class Request:
-    """One prompt with its settings; ``params.seed`` and ``eos`` are resolved (never None)."""
-
-    request_id: str
-    prompt: List[int]
-    params: SamplingParams
-    eos: tuple
-    prompt_index: int = 0
-    arrival: int = 0
-    sequences: List["Sequence"] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.status == FINISHED for s in self.sequences)
+__all__ = ["Admission", "ContinuousPolicy", "FINISHED", "POLICIES", "RUNNING", "Request", "Scheduler", "Sequence",
+           "StaticPolicy", "WAITING"]
 
 
-@dataclass(eq=False)
-class Sequence:
-    """One sample of a request: ``tokens`` are the generated ids the host knows (an ending EOS excluded)."""
+class ContinuousPolicy:
+    """Continuous batching: rows join and leave at every step (module docstring)."""
 
-    request: Request
-    sample_index: int
-    seed: int
-    tokens: List[int] = field(default_factory=list)
-    logprobs: List[float] = field(default_factory=list)
-    diagnostics: List[list] = field(default_factory=list)  # per token, RastEngine(diagnostics=True) only
-    blocks: List[int] = field(default_factory=list)
-    slot: Optional[int] = None
-    status: str = WAITING
-    epoch: int = 0          # +1 at every admission: device results of an earlier stay are ignored
-    kv_upper: int = 0       # KV positions the device may have written (see the module invariants)
-    admitted_at: int = -1   # admission counter (preemption takes the largest)
-    preemptions: int = 0
-    finish_reason: Optional[str] = None
-    stop_reason: object = None
-    error: Optional[str] = None
-    detok: object = None    # the engine's incremental detokenizer state
-    final_text: str = ""    # set when the sequence finishes
+    name = "continuous"
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt)
+    def slab_tokens(self, sched: "Scheduler", num_tokens: int) -> int:
+        """Token slots a sequence of ``num_tokens`` KV positions holds while it runs."""
+        return num_tokens
 
-    @property
-    def max_kv(self) -> int:
-        """KV positions this sequence can ever need: the last token is sampled, never fed back."""
-        return self.prompt_len + self.request.params.max_new_tokens - 1
+    def admits_now(self, sched: "Scheduler") -> bool:
+        return True
 
-    def context(self) -> List[int]:
-        """What a (re)admission prefills: the prompt plus the tokens generated so far."""
-        return self.request.prompt + self.tokens
+    def allocate_group(self, sched: "Scheduler", context: List[int], members: List[Sequence],
+                       reserve: int) -> Optional["Admission"]:
+        """Blocks for ``members`` prefilled from ``context``: the full context blocks are shared, each extra
+        sample gets its own copy of the partial last block. None (nothing taken) unless ``reserve`` more blocks
+        stay free."""
+        alloc, n = sched.alloc, len(context)
+        full, partial = divmod(n, alloc.block_size)
+        need = full + (1 if partial else 0) + (len(members) - 1) * (1 if partial else 0)
+        if need + reserve > alloc.num_free:
+            return None
+        owner_blocks = alloc.allocate(full + (1 if partial else 0))
+        owner, copies = members[0], []
+        owner.blocks = owner_blocks
+        for seq in members[1:]:
+            alloc.share(owner_blocks[:full])
+            seq.blocks = list(owner_blocks[:full])
+            if partial:
+                (own,) = alloc.allocate(1)  # counted in `need`
+                seq.blocks.append(own)
+                copies.append((owner_blocks[full], own))
+        return Admission(list(context), list(members), copies)
+
+    def compacts(self) -> bool:
+        return True
+
+    def released_on_finish(self, sched: "Scheduler", seq: Sequence) -> List[Sequence]:
+        return [seq]
+
+
+class StaticPolicy(ContinuousPolicy):
+    """Fixed batches: admitted together when nothing runs, full ``max_seq_len`` slabs, released together."""
+
+    name = "static"
+
+    def slab_tokens(self, sched: "Scheduler", num_tokens: int) -> int:
+        return sched.max_seq_len
+
+    def admits_now(self, sched: "Scheduler") -> bool:
+        return sched.num_running == 0
+
+    def allocate_group(self, sched, context, members, reserve):
+        alloc = sched.alloc
+        per_seq = alloc.blocks_for(sched.max_seq_len)
+        if per_seq * len(members) > alloc.num_free:
+            members[1:] = []  # admit as many as fit, at least try the head alone
+            if per_seq > alloc.num_free:
+                return None
+        for seq in members:
+            seq.blocks = alloc.allocate(per_seq)
+        # the prefill writes the owner's blocks only: every other sample gets a copy of the context's blocks
+        used = alloc.blocks_for(len(context))
+        copies = [(members[0].blocks[j], seq.blocks[j]) for seq in members[1:] for j in range(used)]
+        return Admission(list(context), list(members), copies)
+
+    def compacts(self) -> bool:
+        return False
+
+    def released_on_finish(self, sched, seq):
+        batch = sched.running
+        return batch if all(s.status == FINISHED for s in batch) else []
+
+
+POLICIES = {p.name: p for p in (ContinuousPolicy, StaticPolicy)}
 
 
 @dataclass
-class PrefillGroup:
-    """Sequences prefilled from one context: ``owner`` writes the blocks, the others share its full blocks and
-    get a copy of its partial last block (``copies``: ``(src block, dst block)``)."""
+class Admission:
+    """Sequences admitted together (:meth:`Scheduler.admit`): prefilled from ``context``; ``copies`` are the
+    ``(src, dst)`` block copies that give every sample but the first its own partial last block."""
 
     context: List[int]
     sequences: List[Sequence]
@@ -115,17 +136,28 @@ class Scheduler:
     max_seq_len : int
         Per-sequence limit (the static policy reserves this many token slots per sequence).
     policy : {"continuous", "static"}
+    max_prefill_tokens : int
+        Padded prompt tokens admitted per plan (one group always goes if the pool has room).
+    speculative_tokens : int
+        Drafted tokens per speculative round (0: plain decoding); a round may write ``k + 1`` positions per row.
     """
 
-    def __init__(self, num_slots: int, allocator: BlockAllocator, max_seq_len: int, policy: str = "continuous"):
+    def __init__(self, num_slots: int, allocator: BlockAllocator, max_seq_len: int, policy: str = "continuous",
+                 *, max_prefill_tokens: int = 2048, speculative_tokens: int = 0):
         if policy not in POLICIES:
-            raise ValueError(f"scheduling: must be one of {POLICIES}, got {policy!r}")
+            raise ValueError(f"scheduling: must be one of {tuple(POLICIES)}, got {policy!r}")
         self.policy = policy
+        self.rules = POLICIES[policy]()
         self.alloc = allocator
         self.max_seq_len = int(max_seq_len)
+        self.max_prefill_tokens = int(max_prefill_tokens)
+        self.speculative_tokens = int(speculative_tokens)
         self.slots: List[Optional[Sequence]] = [None] * int(num_slots)
         self.waiting: Deque[Sequence] = deque()
+        self.window = 0                  # plans with a decode window so far
         self._admissions = itertools.count()
+        self._deactivate: List[int] = []  # slots whose device rows must stop, for the next plan
+        self._grown: dict = {}            # sequence -> its block count before this plan's reservations
 
     # ------------------------------------------------------------------ queries
     @property
@@ -145,9 +177,51 @@ class Scheduler:
 
     def blocks_to_fit(self, num_tokens: int) -> int:
         """Blocks a lone sequence of ``num_tokens`` positions needs under this policy."""
-        if self.policy == "static":
-            return self.alloc.blocks_for(self.max_seq_len)
-        return self.alloc.blocks_for(num_tokens)
+        return self.alloc.blocks_for(self.rules.slab_tokens(self, num_tokens))
+
+    def window_positions(self, steps: int) -> int:
+        """KV positions a row may write in a window of ``steps`` steps (rounds)."""
+        return steps * (self.speculative_tokens + 1)
+
+    # ------------------------------------------------------------------ the plan
+    def schedule(self, steps: int) -> StepPlan:
+        """The next step's plan: the running rows get blocks for a window of ``steps`` steps (the newest are
+        preempted when the pool is short), the rows are compacted, waiting sequences are admitted with room for
+        their own first window, and every running row decodes (``plan`` module: the order the runner applies
+        it in)."""
+        self._grown = {}
+        self.width = self.window_positions(steps)
+        self.reserve_decode(self.width)  # preemptions queue their slots in self._deactivate
+        moves = tuple(self.compact())
+        groups = self.admit(self.max_prefill_tokens, self.alloc.blocks_for(self.width), window=self.width)
+        admitted = [s for g in groups for s in g.sequences]
+        if self.reserve_decode(self.width, admitted):  # admission left them room: cannot preempt
+            raise RuntimeError("scheduler: a newly admitted sequence was preempted")
+        deactivate, self._deactivate = tuple(self._deactivate), []
+        updates = tuple((s.slot, j, s.blocks[j]) for s, n in self._grown.items()
+                        if s.status == RUNNING and s not in admitted for j in range(n, len(s.blocks)))
+        inits = tuple(SlotInit(slot=s.slot, settings=s.request.settings, seed=s.seed, n_gen=len(s.tokens),
+                               pos=len(g.context), blocks=tuple(s.blocks)) for g in groups for s in g.sequences)
+        prefill = tuple(PrefillGroup(tuple(g.context), tuple(g.sequences[0].blocks),
+                                     tuple(s.slot for s in g.sequences), tuple(g.copies)) for g in groups)
+        decode = self._decode_window(steps)
+        return StepPlan(window=self.window, deactivate=deactivate, moves=moves, block_updates=updates,
+                        inits=inits, prefill=prefill, decode=decode)
+
+    def _decode_window(self, steps: int) -> Optional[DecodeWindow]:
+        """Every running row decodes ``steps`` steps; ``kv_upper`` advances by what the window may write."""
+        running = self.running
+        if not running:
+            return None
+        self.window += 1
+        need = max(min(s.kv_upper + self.width, s.max_kv + 1) for s in running)
+        for s in running:
+            s.kv_upper = min(s.kv_upper + self.width, s.max_kv)
+        rows = self.active_rows()
+        return DecodeWindow(rows=rows, kv_len=kv_bucket(need, self.max_seq_len), steps=steps,
+                            plausibility=any(s.request.settings.base_plausibility > 0 for s in running),
+                            speculative_tokens=self.speculative_tokens,
+                            owners=tuple((s, s.epoch) if s is not None else None for s in self.slots[:rows]))
 
     # ------------------------------------------------------------------ queue
     def add(self, request: Request) -> None:
@@ -176,6 +250,7 @@ class Scheduler:
         got = self.alloc.allocate(need)
         if got is None:
             return False
+        self._grown.setdefault(seq, len(seq.blocks))
         seq.blocks.extend(got)
         return True
 
@@ -187,14 +262,15 @@ class Scheduler:
         self.alloc.release(seq.blocks)
         seq.blocks = []
 
-    def reserve_decode(self, steps: int) -> List[Sequence]:
-        """Before a window of ``steps`` decode steps: blocks for every position the running sequences may write,
-        oldest admission first. Returns the sequences preempted to make room (already freed and queued again)."""
+    def reserve_decode(self, steps: int, seqs: Optional[List[Sequence]] = None) -> List[Sequence]:
+        """Before a window that may write ``steps`` more positions per row: blocks for every position the running
+        sequences (or ``seqs``) may write, oldest admission first. Returns the sequences preempted to make room
+        (already freed and queued again)."""
         preempted: List[Sequence] = []
-        for seq in sorted(self.running, key=lambda s: s.admitted_at):
+        for seq in sorted(self.running if seqs is None else seqs, key=lambda s: s.admitted_at):
             if seq.status != RUNNING:  # preempted by an earlier iteration of this loop
                 continue
-            want = min(seq.kv_upper + steps, seq.max_kv)
+            want = min(seq.kv_upper + steps, seq.max_kv)  # drafts past max_kv write the scratch slot
             while not self._grow(seq, want):
                 victim = max((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)
                 if victim is None:  # cannot happen: a lone sequence always fits (checked at add_request)
@@ -204,91 +280,98 @@ class Scheduler:
         return preempted
 
     def preempt(self, seq: Sequence) -> None:
+        self._deactivate.append(seq.slot)
         self.free(seq)
         seq.status = WAITING
         seq.preemptions += 1
         self._requeue(seq)
 
+    def observe(self, seq: Sequence, fed_positions: int, windows_since: int) -> None:
+        """The host read that ``seq``'s device row had written ``fed_positions`` KV positions after some window,
+        and ``windows_since`` windows were launched after that one: lower ``kv_upper`` to what those may still
+        write and give the blocks past it back (a speculative round reserves a position for every draft; only
+        the accepted ones are kept, and the device rewrites the others before reading them)."""
+        if seq.status != RUNNING:
+            return
+        upper = min(fed_positions + windows_since * self.width, seq.max_kv)
+        if upper >= seq.kv_upper:
+            return
+        seq.kv_upper = upper
+        keep = self.alloc.blocks_for(upper)
+        if keep < len(seq.blocks):
+            self.alloc.release(seq.blocks[keep:])
+            del seq.blocks[keep:]
+
     # ------------------------------------------------------------------ admission
-    def admit(self, max_prefill_tokens: int, reserve_per_running: int = 1) -> List[PrefillGroup]:
+    def admit(self, max_prefill_tokens: int, reserve_per_running: int = 1, window: int = 0) -> List["Admission"]:
         """Waiting sequences that get a slot and blocks now, grouped for prefill (in queue order).
 
         Fresh samples of one request that are next to each other in the queue share one prefill. Continuous
         policy: after admission at least ``reserve_per_running`` free blocks per running sequence remain (room to
-        grow in the next window), and the prefill batch holds at most ``max_prefill_tokens`` (padded) tokens
-        (one group is always admitted if it fits the pool). Static policy: only when nothing runs."""
-        if self.policy == "static" and self.num_running:
+        grow in the next window; a lone group needs room for its own first ``window`` positions), and the prefill
+        batch holds at most ``max_prefill_tokens`` (padded) tokens (one group is always admitted if it fits the
+        pool). Static policy: only when nothing runs."""
+        if not self.rules.admits_now(self):
             return []
-        groups: List[PrefillGroup] = []
+        groups: List[Admission] = []
         width = 0  # longest context admitted so far (the prefill batch is left padded to it)
         while self.waiting:
             free_slots = [i for i, s in enumerate(self.slots) if s is None]
             if not free_slots:
                 break
-            head = self.waiting[0]
-            members = [head]
-            if not head.tokens:  # fresh: later fresh samples of the same request share its prefill
-                for other in itertools.islice(self.waiting, 1, None):
-                    if other.request is not head.request or other.tokens or len(members) == len(free_slots):
-                        break
-                    members.append(other)
-            context = head.context()
+            members = self._next_members(len(free_slots))
+            context = members[0].context()
             if groups and max(width, len(context)) * (len(groups) + 1) > max_prefill_tokens:
                 break
-            group = self._allocate_group(context, members, reserve=reserve_per_running * (self.num_running + len(members)))
+            group = self._allocate(context, members, reserve_per_running, window)
             if group is None:
                 break
-            for seq in members:
-                self.waiting.popleft()
-                seq.slot = free_slots.pop(0)
-                self.slots[seq.slot] = seq
-                seq.status = RUNNING
-                seq.epoch += 1
-                seq.admitted_at = next(self._admissions)
-                seq.kv_upper = len(context)
+            for seq in group.sequences:
+                self._start(seq, free_slots.pop(0), len(context))
             width = max(width, len(context))
             groups.append(group)
         return groups
 
-    def _allocate_group(self, context, members, reserve: int) -> Optional[PrefillGroup]:
-        bs, n = self.alloc.block_size, len(context)
-        if self.policy == "static":
-            per_seq = self.alloc.blocks_for(self.max_seq_len)
-            if per_seq * len(members) > self.alloc.num_free:
-                members[1:] = []  # admit as many as fit, at least try the head alone
-                if per_seq > self.alloc.num_free:
-                    return None
-            for seq in members:
-                seq.blocks = self.alloc.allocate(per_seq)
-            # the prefill writes the owner's blocks only: every other sample gets a copy of the context's blocks
-            used = self.alloc.blocks_for(n)
-            copies = [(members[0].blocks[j], seq.blocks[j]) for seq in members[1:] for j in range(used)]
-            return PrefillGroup(context, list(members), copies)
-        full, partial = divmod(n, bs)
-        need = full + (1 if partial else 0) + (len(members) - 1) * (1 if partial else 0)
-        # a lone group only has to fit; beside running sequences, leave them room to grow
-        if need > self.alloc.num_free or (self.num_running and need + reserve > self.alloc.num_free):
-            return None
-        owner_blocks = self.alloc.allocate(full + (1 if partial else 0))
-        if owner_blocks is None:
-            return None
-        owner, copies = members[0], []
-        owner.blocks = owner_blocks
-        for seq in members[1:]:
-            self.alloc.share(owner_blocks[:full])
-            seq.blocks = list(owner_blocks[:full])
-            if partial:
-                own = self.alloc.allocate(1)
-                assert own is not None  # counted in `need`
-                seq.blocks += own
-                copies.append((owner_blocks[full], own[0]))
-        return PrefillGroup(context, list(members), copies)
+    def _allocate(self, context, members, reserve_per_running: int, window: int) -> Optional[Admission]:
+        """The policy's blocks for ``members``. Beside running rows, ``reserve_per_running`` blocks per running
+        row stay free; a lone group needs room for its own first ``window`` positions and gives up samples
+        until it fits."""
+        if self.num_running:
+            return self.rules.allocate_group(self, context, members,
+                                             reserve_per_running * (self.num_running + len(members)))
+        n = len(context)
+        grow = max(0, self.alloc.blocks_for(min(n + window, members[0].max_kv)) - self.alloc.blocks_for(n))
+        while True:
+            group = self.rules.allocate_group(self, context, members, grow * len(members))
+            if group is not None or len(members) == 1:
+                return group
+            members = members[:-1]
+
+    def _next_members(self, free: int) -> List[Sequence]:
+        """The head of the queue and the fresh samples of its request right behind it (they share a prefill)."""
+        head = self.waiting[0]
+        members = [head]
+        if not head.tokens:
+            for other in itertools.islice(self.waiting, 1, None):
+                if other.request is not head.request or other.tokens or len(members) == free:
+                    break
+                members.append(other)
+        return members
+
+    def _start(self, seq: Sequence, slot: int, context_len: int) -> None:
+        self.waiting.popleft()
+        seq.slot = slot
+        self.slots[slot] = seq
+        seq.status = RUNNING
+        seq.epoch += 1
+        seq.admitted_at = next(self._admissions)
+        seq.kv_upper = context_len
 
     # ------------------------------------------------------------------ slots
     def compact(self) -> List[tuple]:
         """Continuous policy: move running sequences from high slots into free low slots so that they occupy
         ``[0, num_running)``. Returns the ``(src, dst)`` slot moves (already applied here)."""
-        if self.policy == "static":
+        if not self.rules.compacts():
             return []
         moves = []
         n = self.num_running
@@ -303,16 +386,22 @@ class Scheduler:
             moves.append((src, dst))
         return moves
 
-    def finish(self, seq: Sequence) -> List[Sequence]:
-        """Mark ``seq`` finished; returns the sequences whose slot and blocks are released now: ``seq`` itself
-        (continuous policy), or the whole batch once its last sequence finishes (static policy)."""
+    def finish(self, seq: Sequence, deactivate: bool = False) -> List[Sequence]:
+        """Mark ``seq`` finished (``deactivate``: its device row may still be decoding: a stop string, an abort);
+        returns the sequences whose slot and blocks are released now: ``seq`` itself (continuous policy), or the
+        whole batch once its last sequence finishes (static policy)."""
+        if deactivate and seq.slot is not None:
+            self._deactivate.append(seq.slot)
         seq.status = FINISHED
-        if self.policy == "static":
-            batch = self.running
-            if not all(s.status == FINISHED for s in batch):
-                return []
-        else:
-            batch = [seq]
+        batch = self.rules.released_on_finish(self, seq)
         for s in batch:
             self.free(s)
         return batch
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop ``seq`` wherever it is (waiting or running); the caller sets its finish fields."""
+        if seq.status == RUNNING:
+            self.finish(seq, deactivate=True)
+        elif seq.status == WAITING:
+            self.remove_waiting(seq)
+            seq.status = FINISHED

@@ -3,7 +3,7 @@
 Every option is checked before a model is loaded (a bad one is one line on stderr naming it, exit status 2):
 model paths, dataset kinds, files and their fields, the template, ``--k`` against ``--n``, and whether ``--out``
 holds samples made with other settings. Then the tokenizer renders the prompts, one engine per model set
-generates what ``--out`` lacks (:mod:`rast_kernels.eval.runner`), and the table is printed. Re-running the same
+generates what ``--out`` lacks (:mod:`rast_kernels.eval.run`), and the table is printed. Re-running the same
 command resumes; Ctrl-C loses nothing written (exit status 130).
 
 Under ``torchrun --nproc-per-node=N`` the units are split over the ``N / --tensor-parallel-size`` data-parallel
@@ -32,7 +32,6 @@ from .datasets import DATASETS, load_dataset
 from .templates import check_chat, resolve_template
 
 PROG = "python -m rast_kernels eval"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Fail(Exception):
@@ -48,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model: local path or hub id")
     m.add_argument("--expert", help="RL expert: local path or hub id")
     m.add_argument("--expert-base", help="the expert's own base model: local path or hub id")
-    m.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", nargs="+", choices=list(DATASETS), metavar="KIND",
                    help=f"dataset kinds, the table's columns ({', '.join(DATASETS)}); default toy with --toy")
@@ -78,15 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "alpha.png); re-running resumes it (default eval_out)")
     o.add_argument("--diagnostics", action="store_true",
                    help="record the delta's per-token effect (argmax flips, KL, raised tokens) on base + delta rows")
-    o.add_argument("--max-batch-size", type=_cli.int_range(1), default=32, help="decode slots (default 32)")
-    o.add_argument("--scheduling", choices=("continuous", "static"), default="continuous",
-                   help="the engine's scheduling: continuous (default) or static fixed batches (the baseline "
-                        "benchmarks/bench_eval.py compares with)")
-    o.add_argument("--tensor-parallel-size", type=_cli.int_range(1), default=1, metavar="TP",
-                   help="under torchrun: ranks per base-model shard group; the world size / TP groups split the "
-                        "work (default 1: every rank is its own data-parallel group)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_engine_options(p)
     return p
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Every engine setting (:func:`rast_kernels.engine.add_engine_arguments`, read back by
+    :func:`_engine_factory`). ``--diagnostics`` is the run option of the same name (it also changes what a record
+    holds); ``--max-seq-len`` defaults to the longest prompt + ``--max-new-tokens`` of each model set; the
+    tokenizer renders the templates too. ``--tensor-parallel-size``: under torchrun, ranks per base-model shard
+    group; the world size / TP groups split the work (default 1: every rank is its own data-parallel group)."""
+    from ..engine import add_engine_arguments
+
+    add_engine_arguments(p, exclude=("diagnostics",), max_batch_size=32, tensor_parallel_size=1, max_seq_len=None)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -109,7 +112,7 @@ def _model(option: str, value: Optional[str]) -> Optional[str]:
 
 def _plan(args):
     """Everything checkable without models: -> (datasets, configs, settings, tokenizer source)."""
-    from .runner import Settings, make_configs
+    from .run import Settings, make_configs
 
     if args.toy:
         for opt in ("base", "expert", "expert_base"):
@@ -209,27 +212,12 @@ def _main(argv: Optional[List[str]]) -> int:
         ctx, setup = _setup(parser, args)
     datasets, configs, settings, out, tokenizer = setup
     rank0 = ctx is None or ctx.rank == 0
-
-    def engine_factory(models: str, max_seq_len: int, diagnostics: bool):
-        from ..engine import RastEngine
-
-        m = settings.models
-        trio = (m["base"], m["expert"], m["expert_base"]) if models == "trio" else (m[models], None, None)
-        # under torchrun each rank's models go on its own device; the TP size only when sharding (a new kwarg)
-        extra = {} if ctx is None else dict(devices=ctx.device)
-        if ctx is not None and ctx.tp_size > 1:
-            extra["tensor_parallel_size"] = ctx.tp_size
-        try:
-            return RastEngine(*trio, tokenizer=tokenizer, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                              max_seq_len=max(2, max_seq_len), diagnostics=diagnostics, scheduling=args.scheduling,
-                              **extra)
-        except (ValueError, OSError) as exc:  # e.g. tokenizers that disagree, a hub id that does not exist
-            _cli.fail(parser, "--" + ("base" if models == "trio" else models), str(exc).splitlines()[0])
-
-    from .runner import SAMPLES, run_eval
+    from .run import run_eval
+    from .store import SAMPLES
 
     try:
-        run_eval(datasets, configs, settings, out, tokenizer=tokenizer, engine_factory=engine_factory,
+        run_eval(datasets, configs, settings, out, tokenizer=tokenizer,
+                 engine_factory=_engine_factory(parser, args, settings.models, tokenizer, ctx),
                  progress=not args.no_progress, context=ctx)
     except KeyboardInterrupt:
         if rank0:
@@ -238,6 +226,34 @@ def _main(argv: Optional[List[str]]) -> int:
                   file=sys.stderr)
         return 130
     return 0
+
+
+def _engine_factory(parser, args, models: dict, tokenizer, ctx):
+    """``run_eval``'s ``engine_factory``: the :class:`~rast_kernels.RastEngine` of a model set (``"trio"``,
+    ``"base"`` or ``"expert"``; ``models``: the paths by role) built from the engine options
+    (:func:`_add_engine_options`); an engine that refuses its arguments is ``parser``'s one-line exit 2."""
+
+    def engine_factory(which: str, max_seq_len: int, diagnostics: bool):
+        from ..engine import EngineConfig, RastEngine
+
+        trio = ((models["base"], models["expert"], models["expert_base"]) if which == "trio"
+                else (models[which], None, None))
+        # under torchrun each rank's models go on its own device; the TP size only when sharding
+        sharded = ctx is not None and ctx.tp_size > 1
+        if args.max_seq_len is not None and args.max_seq_len < max_seq_len:
+            _cli.fail(parser, "--max-seq-len", f"{args.max_seq_len} is less than the {which} prompts need: the "
+                                               f"longest + --max-new-tokens = {max_seq_len}")
+        config = EngineConfig.from_args(args, tokenizer=tokenizer, max_seq_len=max(2, args.max_seq_len or max_seq_len),
+                                        diagnostics=diagnostics, tensor_parallel_size=ctx.tp_size if sharded else None,
+                                        **({} if ctx is None else dict(devices=ctx.device)))
+        if which != "trio":  # a model alone has no small model to draft with
+            config = config.replace(speculative_tokens=0)
+        try:
+            return RastEngine(*trio, config=config)
+        except (ValueError, OSError) as exc:  # e.g. tokenizers that disagree, a hub id that does not exist
+            _cli.fail(parser, "--" + ("base" if which == "trio" else which), str(exc).splitlines()[0])
+
+    return engine_factory
 
 
 def _setup(parser, args):
@@ -252,7 +268,7 @@ def _setup(parser, args):
             raise _Fail("--out", str(exc))
         ctx = _parallel(args)
         from ..parallel import broadcast_object
-        from .runner import check_resume, read_samples
+        from .store import check_resume, read_samples
 
         why = None
         if ctx is None or ctx.rank == 0:  # one rank reads and writes run.json; every rank gets its verdict
@@ -264,13 +280,13 @@ def _setup(parser, args):
         why = broadcast_object(why, context=ctx)
         if why is not None:
             raise _Fail("--out", why)
-        src = settings.models["base"] or settings.models["expert"]
+        src = args.tokenizer or settings.models["base"] or settings.models["expert"]
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as exc:
-            raise _Fail("--base" if settings.models["base"] else "--expert",
+            raise _Fail("--tokenizer" if args.tokenizer else "--base" if settings.models["base"] else "--expert",
                         f"cannot load a tokenizer from {src!r}: {str(exc).splitlines()[0]}")
         if settings.template.chat:
             try:

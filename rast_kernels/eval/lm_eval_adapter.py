@@ -20,9 +20,11 @@ is a ``ValueError`` naming it (a misspelt ``alpha`` would otherwise run alpha = 
   longer than ``max_length - max_gen_toks`` tokens keep their last tokens.
 * ``loglikelihood`` / ``loglikelihood_rolling`` score with the combined distribution
   ``log_softmax(z_base + alpha * (z_expert - z_expert_base))`` over the real vocabulary (``len(tokenizer)``
-  columns), from one full-sequence forward per model and request (inputs longer than ``max_length`` keep their
-  last tokens); ``is_greedy`` is whether every continuation token is that distribution's argmax. Rolling
-  windows are lm-eval's (``get_rolling_token_windows`` with the BOS, else EOS, token as prefix).
+  columns; :func:`rast_kernels.engine.scoring.combined_logprobs`, which the server's ``echo`` also uses), from one
+  full-sequence forward per model and request (inputs longer than ``max_length`` keep their last tokens);
+  ``is_greedy`` is whether every continuation token is that distribution's argmax. Rolling windows are lm-eval's
+  (``get_rolling_token_windows`` with the BOS, else EOS, token as prefix). lm-eval's own ``local-completions``
+  model against ``python -m rast_kernels serve`` gives the same loglikelihoods (the server's ``echo``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ except ImportError as exc:  # the rest of rast_kernels never imports this module
                       "(or pip install 'rast_kernels[eval]')") from exc
 
 import torch
+
+from ..engine.scoring import combined_logprobs
 
 ROLES = ("base", "expert", "expert_base")
 
@@ -101,24 +105,13 @@ class RastLM(LM):
     def prefix_token_id(self) -> int:
         return self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
 
-    def _combined_logprobs(self, ids: List[int]) -> torch.Tensor:
-        """``[len(ids), V]`` fp32 log-probabilities of the next token after each position."""
-        out = {}
-        with torch.no_grad():
-            for role, m in self.models.items():
-                dev = next(m.parameters()).device
-                out[role] = m(input_ids=torch.tensor([ids], device=dev)).logits[0, :, :self.vocab].float().cpu()
-        z = out["base"]
-        if "expert" in out:
-            z = z + self.alpha * (out["expert"] - out["expert_base"])
-        return torch.log_softmax(z, -1)
-
     def _score(self, context: List[int], continuation: List[int]) -> tuple:
         """``(sum of log p(continuation | context), all greedy)``, left-truncated to ``max_length`` inputs."""
         ids = (context + continuation)[-(self.max_length + 1):]
         inp = ids[:-1]
-        lp = self._combined_logprobs(inp)[-len(continuation):]
-        target = torch.tensor(continuation)
+        alphas = (self.alpha,) if "expert" in self.models else ()
+        lp = combined_logprobs(self.models, inp, alphas, self.vocab)[-len(continuation):]
+        target = torch.tensor(continuation, device=lp.device)
         chosen = lp.gather(1, target.unsqueeze(1)).squeeze(1)
         return float(chosen.sum()), bool((lp.argmax(1) == target).all())
 

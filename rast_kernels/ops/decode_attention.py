@@ -12,10 +12,11 @@ rows of a batch are harmless. Positions outside ``L`` are never read, whatever t
 The Triton kernel is flash-decoding: grid ``(B, H_kv, num_splits)``; each program loads the whole group of
 ``H_q / H_kv`` query heads of one kv head (K/V are never expanded), walks its share of ``L`` in blocks of
 ``BLOCK_N`` positions with an online softmax, and writes a partial ``(max, sum, acc)``; a small combine kernel
-merges the splits. ``num_splits`` depends only on the shapes (and the GPU's SM count), never on the runtime
-lengths, and ``start``/``end`` stay on the device: the launch can be captured in a CUDA graph and replayed
-with new lengths. The valid range is shared out evenly among the splits at run time, so a short row in a long
-cache still uses all splits; splits left without a block write an empty partial and do no loads.
+(:mod:`.attention_common`, shared with :mod:`.paged_attention`) merges the splits. ``num_splits`` depends only on
+the shapes (and the GPU's SM count), never on the runtime lengths, and ``start``/``end`` stay on the device: the
+launch can be captured in a CUDA graph and replayed with new lengths. The valid range is shared out evenly among
+the splits at run time, so a short row in a long cache still uses all splits; splits left without a block write an
+empty partial and do no loads.
 """
 from __future__ import annotations
 
@@ -25,11 +26,10 @@ import math
 import torch
 
 from .. import _backends
+from . import launch
 from ._checks import INDEX_DTYPES, attention_options, require_float, require_tensors
-
-_MAX_HEAD_DIM = 256
-_MAX_SPLITS = 64
-_LOG2E = 1.4426950408889634
+from .attention_common import (LOG2E, MAX_HEAD_DIM, MAX_SPLITS, block_n, combine_kernel, default_num_splits,
+                               dot_options, launch_combine, next_pow2, split_workspace)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,6 +61,7 @@ def decode_attention_reference(q, k_cache, v_cache, start, end, scale=None):
 # ----------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _kernels():
+    """``(split kernel, combine kernel)``: the kernels this op launches."""
     import triton
     import triton.language as tl
 
@@ -152,90 +153,31 @@ def _kernels():
             tl.store(acc_ptr + ml_off[:, None] * HEAD_DIM + offs_d[None, :], acc,
                      mask=live_g[:, None] & d_mask[None, :])
 
-    @triton.jit
-    def _combine_kernel(
-        out_ptr, m_ptr, l_ptr, acc_ptr, so_b, so_h, so_d,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        h_q = tl.num_programs(1)
-        offs_s = tl.arange(0, S_PAD)
-        offs_d = tl.arange(0, D_PAD)
-        s_mask = offs_s < NUM_SPLITS
-        d_mask = offs_d < HEAD_DIM
-        base = (b * h_q + h) * NUM_SPLITS
-        m = tl.load(m_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-        l = tl.load(l_ptr + base + offs_s, mask=s_mask, other=0.0)
-        live = m > float("-inf")  # splits that saw at least one position; the others' acc was never written
-        acc = tl.load(acc_ptr + (base + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                      mask=(s_mask & live)[:, None] & d_mask[None, :], other=0.0)
-        m_max = tl.max(m, 0)
-        # empty splits carry m = -inf; guard the all-empty row against exp2(-inf - -inf) = NaN
-        w = tl.where(live, tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)), 0.0)
-        denom = tl.sum(w * l, 0)
-        o = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)
-        tl.store(out_ptr + b * so_b + h * so_h + offs_d * so_d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
-
-    return _split_kernel, _combine_kernel
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-def _block_n(d_pad: int) -> int:
-    # keep a K (or V) tile at 8-16 KB of bf16: enough bytes in flight per program without spilling registers
-    return 64 if d_pad <= 128 else 32
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_num_splits(batch: int, h_kv: int, s_max: int, head_dim: int, device: torch.device) -> int:
-    """Splits per (row, kv head) for a cache of ``s_max`` positions: enough programs to cover the GPU about
-    twice, no more splits than blocks of the cache, at most 64. Depends only on shapes and the device, so a
-    captured graph keeps its grid."""
-    n_blocks = -(-s_max // _block_n(_next_pow2(max(head_dim, 16))))
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    want = -(-target // max(batch * h_kv, 1))
-    return max(1, min(want, n_blocks, _MAX_SPLITS))
+    return _split_kernel, combine_kernel()
 
 
 def _decode_attention_triton(q, k_cache, v_cache, start, end, scale, num_splits, out):
-    split_kernel, combine_kernel = _kernels()
+    split_kernel, _ = _kernels()
     batch, h_q, dim = q.shape
     h_kv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = h_q // h_kv
-    d_pad = _next_pow2(max(dim, 16))
-    g_pad = _next_pow2(max(group, 16))  # tl.dot needs every dimension >= 16
-    block_n = _block_n(d_pad)
-    # The Triton interpreter (3.9) computes bf16 x bf16 tl.dot wrongly; there the operands go to fp32 first.
-    # Products of 16-bit floats are exact in fp32, so this gives the same values as the GPU's fp32-accumulated
-    # 16-bit dot (up to summation order).
-    dot_fp32 = q.dtype == torch.bfloat16 and _backends.triton_interpreting()
-    precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    d_pad = next_pow2(max(dim, 16))
+    g_pad = next_pow2(max(group, 16))  # tl.dot needs every dimension >= 16
+    dot_fp32, precision = dot_options(q.dtype)
     if num_splits > 1:
-        m_ws = torch.empty((batch, h_q, num_splits), dtype=torch.float32, device=q.device)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty((batch, h_q, num_splits, dim), dtype=torch.float32, device=q.device)
+        m_ws, l_ws, acc_ws = split_workspace(batch, h_q, num_splits, dim, q.device)
     else:
         m_ws = l_ws = acc_ws = out  # unused by the kernel in this case
-    split_kernel[(batch, h_kv, num_splits)](
-        q, k_cache, v_cache, start, end, out, m_ws, l_ws, acc_ws,
-        s_max, group, scale * _LOG2E, start.stride(0), end.stride(0),
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        HEAD_DIM=dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=precision,
-        DOT_FP32=dot_fp32, num_warps=4,
-    )
-    if num_splits > 1:
-        combine_kernel[(batch, h_q)](
-            out, m_ws, l_ws, acc_ws, *out.stride(),
-            HEAD_DIM=dim, D_PAD=d_pad, NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits), num_warps=4,
+    with launch.on_device(q):
+        split_kernel[(batch, h_kv, num_splits)](
+            q, k_cache, v_cache, start, end, out, m_ws, l_ws, acc_ws,
+            s_max, group, scale * LOG2E, start.stride(0), end.stride(0),
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            HEAD_DIM=dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_N=block_n(d_pad), NUM_SPLITS=num_splits,
+            PRECISION=precision, DOT_FP32=dot_fp32, num_warps=4,
         )
+        if num_splits > 1:
+            launch_combine(out, m_ws, l_ws, acc_ws, num_splits)
     return out
 
 
@@ -262,8 +204,8 @@ def _check_inputs(q, k_cache, v_cache, start, end):
         raise ValueError(f"k_cache: batch size {kb} differs from q's {batch}")
     if kd != dim:
         raise ValueError(f"k_cache: head dim {kd} differs from q's {dim}")
-    if not 0 < dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim must be in [1, {_MAX_HEAD_DIM}], got {dim}")
+    if not 0 < dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim must be in [1, {MAX_HEAD_DIM}], got {dim}")
     if h_kv == 0 or h_q % h_kv != 0:
         raise ValueError(f"k_cache: the number of query heads ({h_q}) must be a positive multiple of the "
                          f"number of kv heads ({h_kv})")
@@ -325,7 +267,7 @@ def decode_attention(
     """
     _check_inputs(q, k_cache, v_cache, start, end)
     batch, h_q, dim = q.shape
-    scale, num_splits = attention_options(q, scale, num_splits, out, _MAX_SPLITS)
+    scale, num_splits = attention_options(q, scale, num_splits, out, MAX_SPLITS)
     backend = _backends.resolve_triton_or_torch(backend, q.device)
 
     if backend == "torch":

@@ -53,6 +53,7 @@ from typing import Union
 import torch
 
 from .. import _backends
+from ..params import RANGES, ParamTypeError
 from ._checks import require_float, require_like, require_tensors
 from .philox import row_seeds
 from .rast_sample_reference import rast_sample_reference
@@ -93,19 +94,6 @@ _PARAM_DTYPES = {
     "top_k": torch.int64, "seed": torch.int64, "offset": torch.int64, "base_plausibility": torch.float32,
 }
 
-# host-side range checks for numbers; tensor values are checked per row inside the kernels (no host reads)
-_NUMBER_CHECKS = {
-    "alpha": (lambda v: math.isfinite(v), "a finite number"),
-    "temperature": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
-    "top_k": (lambda v: v >= 0, ">= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "base_plausibility": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "seed": (lambda v: -(2**63) <= v < 2**63, "an int64"),
-    "offset": (lambda v: -(2**63) <= v < 2**63, "an int64"),
-}
-
-
 def _check_param(name: str, value, batch: int, device) -> Param:
     integral = _PARAM_DTYPES[name] == torch.int64
     if isinstance(value, torch.Tensor):
@@ -119,13 +107,10 @@ def _check_param(name: str, value, batch: int, device) -> Param:
             raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
         return value.to(_PARAM_DTYPES[name]).contiguous()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number or a [B] tensor, got {type(value).__name__}")
+        raise ParamTypeError(name, f"expected a number or a [B] tensor, got {type(value).__name__}")
     if integral and not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    ok, what = _NUMBER_CHECKS[name]
-    if not ok(value):
-        raise ValueError(f"{name}: must be {what}, got {value!r}")
-    return int(value) if integral else float(value)
+        raise ParamTypeError(name, f"expected an integer, got {value!r}")
+    return RANGES[name].check(value)  # host-side range check; tensor values are checked per row in the kernels
 
 
 def _check_logits(base, expert, expert_base):
@@ -313,59 +298,107 @@ def rast_sample(
 
     tokens = out if out is not None else torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
-    expert_logits, expert_base_logits = experts[0], expert_bases[0]  # K = 1: the plain form, bit for bit
-    if len(experts) > 1 or isinstance(base_plausibility, torch.Tensor) or base_plausibility > 0:
-        if backend in ("torch", "cpp"):
-            expert_logits, expert_base_logits = experts, expert_bases
-            params.alpha = torch.stack([a if isinstance(a, torch.Tensor) else
-                                        torch.full((batch,), a, dtype=torch.float32, device=device)
-                                        for a in (alphas or [params.alpha])], 1)
-            if backend == "cpp":
-                params.seed = row_seeds(params.seed, batch, device)
-                p = params.as_tensors(batch, device)
-                bp = torch.full((batch,), base_plausibility, dtype=torch.float32, device=device) \
-                    if not isinstance(base_plausibility, torch.Tensor) else base_plausibility
-                # one pass over the 2K + 1 inputs per row (csrc/rast_sample_cpu.h: sample_row_pairs)
-                _backends.cpp_module().rast_sample_pairs_cpu(
-                    base_logits, experts, expert_bases, p.alpha, p.temperature, p.top_k, p.top_p, p.min_p, bp,
-                    torch.log(bp), p.seed, p.offset, vocab_size, tokens, logprobs)
-                return (tokens, logprobs) if return_logprobs else tokens
-        else:  # triton
-            from .rast_sample_triton import MAX_PAIRS, rast_sample_triton
-            pairs = None
-            if len(experts) > MAX_PAIRS:
-                expert_logits, expert_base_logits = _folded_pair(base_logits, experts, expert_bases, alphas,
-                                                                 vocab_size)
-                params.alpha = 1.0
-            elif len(experts) > 1:
-                pairs = (experts, expert_bases, torch.stack([
-                    a if isinstance(a, torch.Tensor) else torch.full((batch,), a, dtype=torch.float32, device=device)
-                    for a in alphas], 1))
-            bp = base_plausibility
-            bp = None if not isinstance(bp, torch.Tensor) and bp == 0 else (
-                bp if isinstance(bp, torch.Tensor) else torch.full((batch,), bp, dtype=torch.float32, device=device))
-            rast_sample_triton(base_logits, expert_logits, expert_base_logits, params.as_dict(), vocab_size, tokens,
-                               logprobs, pairs=pairs, base_plausibility=bp)
-            return (tokens, logprobs) if return_logprobs else tokens
+    _launch(backend, base_logits, experts, expert_bases, alphas if pairs_form else [params.alpha], params,
+            base_plausibility, vocab_size, tokens, logprobs)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def sample_slots(base, experts: list, expert_bases: list, alpha: torch.Tensor, temperature: torch.Tensor,
+                 top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                 offset: torch.Tensor, base_plausibility, vocab_size: int, backend: str = "auto"):
+    """The engine's entry point: :func:`rast_sample` without the argument checks, for callers whose tensors are
+    valid by construction (the engine's slot state; per-row values are still checked in the kernels).
+
+    ``base [n, >= V]``, ``experts`` / ``expert_bases``: K >= 1 logit tensors each; ``alpha`` ``[n, K]`` fp32 (passed
+    to the kernels as it is); ``temperature``, ``top_p``, ``min_p`` ``[n]`` fp32; ``top_k``, ``seed`` (each row's
+    Philox seed, as given), ``offset`` ``[n]`` int64; ``base_plausibility`` None (off) or ``[n]`` fp32. Returns
+    ``(tokens [n] int64, logprobs [n] fp32)``."""
+    n, device = base.shape[0], base.device
+    tokens = torch.empty(n, dtype=torch.int64, device=device)
+    logprobs = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        params = _SamplerArgs(alpha=None, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              offset=offset)
+        _launch(_resolve_backend(backend, device), base, experts, expert_bases, alpha, params,
+                0.0 if base_plausibility is None else base_plausibility, vocab_size, tokens, logprobs)
+    return tokens, logprobs
+
+
+def _alpha_column(alpha, i: int):
+    """Pair ``i``'s weight: a number or a ``[B]`` tensor, from a ``[B, K]`` tensor or a list of K such entries."""
+    return alpha[:, i] if isinstance(alpha, torch.Tensor) else alpha[i]
+
+
+def _alpha_matrix(alpha, batch: int, device) -> torch.Tensor:
+    """``alpha`` as a ``[B, K]`` fp32 tensor (a ``[B, K]`` tensor is returned as it is)."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha
+    return torch.stack([a if isinstance(a, torch.Tensor) else torch.full((batch,), a, dtype=torch.float32,
+                                                                        device=device) for a in alpha], 1)
+
+
+def _launch(backend: str, base, experts, expert_bases, alpha, params: _SamplerArgs, base_plausibility,
+            vocab_size: int, tokens, logprobs) -> None:
+    """Run the sampler on validated arguments. ``alpha``: a ``[B, K]`` tensor or a list of K numbers / ``[B]``
+    tensors (``params.alpha`` is ignored); ``base_plausibility``: a number (0: off) or a ``[B]`` tensor."""
+    batch, device = base.shape[0], base.device
+    plausible = isinstance(base_plausibility, torch.Tensor) or base_plausibility > 0
+    if len(experts) == 1 and not plausible:  # K = 1: the plain form, bit for bit
+        params.alpha = _alpha_column(alpha, 0)
+        _launch_single(backend, base, experts[0], expert_bases[0], params, vocab_size, tokens, logprobs)
+        return
+    bp = base_plausibility if isinstance(base_plausibility, torch.Tensor) else \
+        torch.full((batch,), base_plausibility, dtype=torch.float32, device=device)
     if backend == "torch":
-        t, lp = rast_sample_reference(base_logits, expert_logits, expert_base_logits, vocab_size=vocab_size,
-                                      base_plausibility=base_plausibility, return_logprobs=True,
+        params.alpha = _alpha_matrix(alpha, batch, device)
+        t, lp = rast_sample_reference(base, experts, expert_bases, vocab_size=vocab_size, base_plausibility=bp,
+                                      return_logprobs=True, **params.as_dict())
+        tokens.copy_(t)
+        if logprobs is not None:
+            logprobs.copy_(lp)
+    elif backend == "cpp":
+        params.alpha = _alpha_matrix(alpha, batch, device).contiguous()
+        params.seed = row_seeds(params.seed, batch, device)
+        p = params.as_tensors(batch, device)
+        # one pass over the 2K + 1 inputs per row (csrc/rast_sample_cpu.h: sample_row_pairs)
+        _backends.cpp_module().rast_sample_pairs_cpu(
+            base, experts, expert_bases, p.alpha, p.temperature, p.top_k, p.top_p, p.min_p, bp, torch.log(bp),
+            p.seed, p.offset, vocab_size, tokens, logprobs)
+    else:
+        from .rast_sample_triton import MAX_PAIRS, rast_sample_triton
+        pairs, expert, expert_base = None, experts[0], expert_bases[0]
+        if len(experts) > MAX_PAIRS:
+            alphas = [_alpha_column(alpha, i) for i in range(len(experts))]
+            expert, expert_base = _folded_pair(base, experts, expert_bases, alphas, vocab_size)
+            params.alpha = 1.0
+        elif len(experts) > 1:
+            pairs = (experts, expert_bases, _alpha_matrix(alpha, batch, device).contiguous())
+        else:
+            params.alpha = _alpha_column(alpha, 0)
+        rast_sample_triton(base, expert, expert_base, params.as_dict(), vocab_size, tokens, logprobs, pairs=pairs,
+                           base_plausibility=bp if plausible else None)
+
+
+def _launch_single(backend: str, base, expert, expert_base, params: _SamplerArgs, vocab_size: int, tokens,
+                   logprobs) -> None:
+    """One expert pair, no plausibility: the single-pair kernels."""
+    batch, device = base.shape[0], base.device
+    if backend == "torch":
+        t, lp = rast_sample_reference(base, expert, expert_base, vocab_size=vocab_size, return_logprobs=True,
                                       **params.as_dict())
         tokens.copy_(t)
         if logprobs is not None:
             logprobs.copy_(lp)
     elif backend == "triton":
         from .rast_sample_triton import rast_sample_triton
-        rast_sample_triton(base_logits, expert_logits, expert_base_logits, params.as_dict(), vocab_size, tokens,
-                           logprobs)
+        rast_sample_triton(base, expert, expert_base, params.as_dict(), vocab_size, tokens, logprobs)
     else:
         # the C++ kernel takes [B] seeds as given: a number is mixed per row here (CPU, no device copy)
         params.seed = row_seeds(params.seed, batch, device)
         p = params.as_tensors(batch, device)
         _backends.cpp_module().rast_sample_cpu(
-            base_logits, expert_logits, expert_base_logits, p.alpha, p.temperature, p.top_k, p.top_p,
-            p.min_p, p.seed, p.offset, vocab_size, tokens, logprobs)
-    return (tokens, logprobs) if return_logprobs else tokens
+            base, expert, expert_base, p.alpha, p.temperature, p.top_k, p.top_p, p.min_p, p.seed, p.offset,
+            vocab_size, tokens, logprobs)
 
 
 def _resolve_backend(backend, device: torch.device) -> str:

@@ -73,6 +73,7 @@ except ImportError:  # pragma: no cover
     from triton.language.extra.cuda import libdevice
 
 from .. import _backends
+from . import launch
 
 # Reductions go through tl.reduce with the standard combine functions (what tl.max / tl.min / tl.sum do
 # for fp32 / int32): the interpreter runs these natively, whereas every tl.max call, itself a
@@ -691,8 +692,7 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
                  MINP_T=is_t["min_p"], SEED_T=is_t["seed"], OFF_T=is_t["offset"],
                  FILTER=filters, PRECISE=precise)
 
-    ctx = torch.cuda.device(device) if device.type == "cuda" else _nullctx()
-    with ctx:
+    with launch.on_device(base):
         _rast_chunk_kernel[(batch, NCHUNK)](
             base, expert, expert_base, base.stride(0), expert.stride(0), expert_base.stride(0),
             *alpha, *temp, *topk, *topp, *minp, *seed, *off,
@@ -709,14 +709,6 @@ def rast_sample_triton(base, expert, expert_base, params, vocab_size: int, token
         )
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def philox_noise_triton(seed: torch.Tensor, offset: torch.Tensor, columns: torch.Tensor):
     """Debug entry point: the kernels' Philox words (int64 in [0, 2^32)) and Exp(1) noise (fp32), each
     ``[B, len(columns)]``, for rows keyed by ``seed[B]``, ``offset[B]`` (int64) at ``columns`` (int64);
@@ -728,8 +720,7 @@ def philox_noise_triton(seed: torch.Tensor, offset: torch.Tensor, columns: torch
     words = torch.empty(seed.numel(), n, dtype=torch.int64, device=seed.device)
     noise = torch.empty(seed.numel(), n, dtype=torch.float32, device=seed.device)
     block = 256
-    ctx = torch.cuda.device(seed.device) if seed.device.type == "cuda" else _nullctx()
-    with ctx:
+    with launch.on_device(seed):
         _noise_debug_kernel[(seed.numel(), triton.cdiv(n, block))](
             seed, offset, columns, words, noise, n, BLOCK=block, PRECISE=_precise(seed.device),
             enable_fp_fusion=False)

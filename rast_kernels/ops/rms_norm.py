@@ -23,6 +23,7 @@ import numbers
 import torch
 
 from .. import _backends
+from . import launch
 from ._checks import require_float, require_like, require_tensors
 
 _MAX_HIDDEN = 65536
@@ -118,8 +119,9 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     s = x if residual is None else torch.empty_like(y)
     if batch:
         block = 1 << (n - 1).bit_length()
-        _kernel()[(batch,)](
-            x, x if residual is None else residual, weight, y, s, n, float(eps),
-            x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), s.stride(0),
-            HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+        with launch.on_device(x):
+            _kernel()[(batch,)](
+                x, x if residual is None else residual, weight, y, s, n, float(eps),
+                x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), s.stride(0),
+                HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
     return y, s

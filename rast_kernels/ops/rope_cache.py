@@ -38,6 +38,7 @@ import functools
 import torch
 
 from .. import _backends
+from . import launch
 from ._checks import INDEX_DTYPES, require_float, require_tensors
 
 LAUNCH_OPTIONS = dict(num_warps=1, enable_fp_fusion=False)  # the kernel's launch options (module docstring)
@@ -197,9 +198,10 @@ def rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, col, *, backend: str =
             kc_strides, vc_strides = (0, k_cache.stride(1), k_cache.stride(0)), (0, v_cache.stride(1), v_cache.stride(0))
         else:
             kc_strides, vc_strides = k_cache.stride()[:3], v_cache.stride()[:3]
-        _kernel()[(batch, h_q + k.shape[1])](
-            q, k, v, cos, sin, k_cache, v_cache, col, q_out, h_q, col.stride(0) if col.shape[0] == batch else 0,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-            sin.stride(0), *kc_strides, *vc_strides, q_out.stride(0), q_out.stride(1),
-            HALF=half, H_PAD=1 << (half - 1).bit_length(), **LAUNCH_OPTIONS)
+        with launch.on_device(q):
+            _kernel()[(batch, h_q + k.shape[1])](
+                q, k, v, cos, sin, k_cache, v_cache, col, q_out, h_q, col.stride(0) if col.shape[0] == batch else 0,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+                sin.stride(0), *kc_strides, *vc_strides, q_out.stride(0), q_out.stride(1),
+                HALF=half, H_PAD=1 << (half - 1).bit_length(), **LAUNCH_OPTIONS)
     return q_out

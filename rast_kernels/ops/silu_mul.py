@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .. import _backends
+from . import launch
 from ._checks import require_float, require_like, require_tensors
 
 _BLOCK = 1024
@@ -70,6 +71,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> 
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     rows, n = gate.shape
     if rows and n:
-        _kernel()[(rows, -(-n // _BLOCK))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
-                                            BLOCK=_BLOCK, num_warps=4)
+        with launch.on_device(gate):
+            _kernel()[(rows, -(-n // _BLOCK))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
+                                                BLOCK=_BLOCK, num_warps=4)
     return out

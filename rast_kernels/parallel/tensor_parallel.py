@@ -16,7 +16,7 @@ embedding, norms, rotary tables             replicated
 
 so a step costs two all-reduces of ``[b, hidden]`` per layer and one all-gather of the logits. The config's
 ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` become the per-rank counts
-(``head_dim`` is pinned first), so the KV pools (:func:`rast_kernels.engine.device_step.kv_geometry`) hold this
+(``head_dim`` is pinned first), so the KV pools (:func:`rast_kernels.engine.lanes.kv_geometry`) hold this
 rank's KV heads only, and transformers' attention (which reshapes with ``-1`` heads) runs on the shard as is.
 
 Why sharding here rather than transformers' ``tp_plan``: one code path and a capturable step. The shards are
@@ -49,6 +49,10 @@ _FAMILIES = ("llama", "qwen2", "mistral")
 _SHARDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # model -> (tp_size, tp_rank, group) it was sharded for (sharding is in place: a second engine finds it so)
 _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# The torch.distributed function of the vocabulary all-gather: torch >= 2.13 names it all_gather_single, the GPU
+# machine's 2.11 has only all_gather_into_tensor (same arguments). None: all_gather_single where this torch has it;
+# a name forces that one (tests/parallel/test_all_gather.py runs both on one torch).
+ALL_GATHER: Optional[str] = None
 
 
 def shard_reason(model, tp_size: int) -> Optional[str]:
@@ -175,8 +179,8 @@ def finish_projection(module, out: torch.Tensor) -> torch.Tensor:
     lead, width = out.shape[:-1], out.shape[-1]
     shard = out.reshape(-1, width).contiguous()                    # [rows, V/N]
     parts = shard.new_empty((n * shard.shape[0], width))           # the ranks' shards one after another
-    # (torch >= 2.13 renames all_gather_into_tensor; the GPU machine's 2.11 has only the old name)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather = getattr(dist, ALL_GATHER or ("all_gather_single" if hasattr(dist, "all_gather_single")
+                                          else "all_gather_into_tensor"))
     gather(parts, shard, group=group)
     full = parts.view(n, -1, width).transpose(0, 1).reshape(-1, n * width)[:, :vocab]
     return full.reshape(*lead, vocab)

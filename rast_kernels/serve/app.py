@@ -1,13 +1,15 @@
 """The OpenAI-compatible HTTP app (FastAPI) over one :class:`~rast_kernels.RastEngine`, and :func:`serve`.
+This module only wires: requests are :mod:`.protocol`'s, answers :mod:`.responses`', the engine is driven by
+:mod:`.engine_loop`, counters are :mod:`.metrics`'.
 
 Endpoints:
 
-* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`.protocol` for the fields): a JSON response with
-  ``choices`` (``index``, ``text`` or ``message``, ``finish_reason`` "stop"/"length"; "error" plus an ``error``
-  object for a row the sampler rejected or a failed engine step; "abort" when shutdown ended it) and ``usage``;
-  with ``"stream": true``, server-sent events in OpenAI's chunk format (``data: {...}\\n\\n``, last
-  ``data: [DONE]\\n\\n``). Validation errors are answered before anything runs (400, 404 for an unknown
-  ``model``), with ``{"error": {"message", "type", "param", "code"}}``.
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`.protocol` for the fields, :mod:`.responses` for
+  the answers): a JSON response with ``choices`` and ``usage``, or with ``"stream": true`` server-sent events in
+  OpenAI's chunk format. Validation errors are answered before anything runs (400, 404 for an unknown ``model``),
+  with ``{"error": {"message", "type", "param", "code"}}`` (always ASCII JSON: it may quote the client's bytes).
+* ``GET /openapi.json`` (the OpenAPI document: both request bodies' schemas) and ``GET /docs`` (FastAPI's
+  interactive page over it).
 * ``GET /v1/models``, ``GET /health`` (200, or 503 while draining or after the engine loop died), ``GET /metrics``
   (:mod:`.metrics`).
 
@@ -28,9 +30,11 @@ import time
 import uuid
 from typing import Optional
 
+from .. import __version__
 from .engine_loop import EngineLoop, Ticket
 from .metrics import Metrics
-from .protocol import APIError, ChatPrompt, Job, Limits, bad, dumps, finite, parse_json, parse_request
+from .protocol import APIError, ErrorResponse, Limits, bad, parse_json, parse_request, render_chat, request_schemas
+from .responses import Reply, StreamBuilder, collect, dumps, error_json, full_response
 
 log = logging.getLogger("rast_kernels.serve")
 
@@ -45,7 +49,9 @@ def _json_response(obj, status=200, headers=None):
 
 
 def _error_response(err: APIError):
-    return _json_response(err.body(), err.status, err.headers)
+    from starlette.responses import Response
+
+    return Response(error_json(err), status_code=err.status, media_type="application/json", headers=err.headers)
 
 
 class _CountRequests:
@@ -94,17 +100,34 @@ async def _watch_disconnect(request, loop: EngineLoop, ticket: Ticket) -> None:
             return
 
 
-def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_alpha: float = 1.0, max_n: int = 64,
-               chat_template: Optional[str] = None):
-    """A FastAPI app serving ``engine`` (module docstring). The engine loop thread starts with the app's lifespan
-    (and stops with it); ``app.state.loop`` is the :class:`~.engine_loop.EngineLoop`. ``chat_template`` (a Jinja
-    string) replaces the tokenizer's for ``/v1/chat/completions``."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.responses import PlainTextResponse, StreamingResponse
+def _openapi(app, description: str, limits: Limits):
+    """FastAPI's OpenAPI document plus the request models' schemas (the POST bodies refer to them)."""
+    from fastapi.openapi.utils import get_openapi
 
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas(limits))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def _body(model_name: str) -> dict:
+    """``openapi_extra`` of a POST whose JSON body is the request model ``model_name`` (read and validated by
+    the handler itself: FastAPI's own body parsing would skip the byte limit and the body checks)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}}
+
+
+_ERRORS = {400: {"model": ErrorResponse, "description": "a bad request: `param` names the field"},
+           404: {"model": ErrorResponse, "description": "an unknown `model`"},
+           429: {"model": ErrorResponse, "description": "too many requests waiting (see Retry-After)"},
+           503: {"model": ErrorResponse, "description": "shutting down, or the engine loop stopped"}}
+
+
+def _check_options(max_waiting, max_body_bytes, max_n, default_alpha, model_name, chat_template) -> None:
     for name, value, low in (("max_waiting", max_waiting, 1), ("max_body_bytes", max_body_bytes, 1),
                              ("max_n", max_n, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -116,67 +139,28 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
         raise ValueError(f"model_name: expected a non-empty str, got {model_name!r}")
     if chat_template is not None and not isinstance(chat_template, str):
         raise TypeError(f"chat_template: expected a str, got {type(chat_template).__name__}")
-    metrics = Metrics()
-    loop = EngineLoop(engine, metrics=metrics, max_waiting=max_waiting)
-    limits = Limits(max_seq_len=engine.max_seq_len, max_n=max_n, default_alpha=float(default_alpha),
-                    model_name=model_name)
-    tokenizer = engine.tokenizer
-    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    created = int(time.time())
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        loop.start()
-        try:
-            yield
-        finally:
-            loop.stop()
 
-    app = FastAPI(title="rast_kernels", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.loop = loop
-    app.state.metrics = metrics
-    app.add_middleware(_CountRequests, metrics=metrics)
+class _Service:
+    """What the two POST routes share: read and validate a body, submit its job to the engine loop, answer with
+    :mod:`.responses`' builders (whole, or streamed)."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return _error_response(exc)
+    def __init__(self, loop: EngineLoop, limits: Limits, tokenizer, chat_template: Optional[str],
+                 max_body_bytes: int):
+        self.loop, self.limits, self.tokenizer, self.max_body_bytes = loop, limits, tokenizer, max_body_bytes
+        self.template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return _json_response({"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                                         "param": None, "code": None}}, exc.status_code)
+    def token_text(self, t: int) -> str:
+        return self.tokenizer.decode([t], skip_special_tokens=False)
 
-    @app.exception_handler(Exception)
-    async def _bug(request, exc):  # a bug of ours, not the client's: say so in JSON, log it, keep serving
-        log.error("unhandled error on %s:\n%s", request.url.path,
-                  "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        return _json_response({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
-                                         "param": None, "code": None}}, 500)
+    async def handle(self, request, kind: str):
+        from starlette.responses import StreamingResponse
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return _json_response({"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
-                                         "code": None}}, 422)
-
-    def render_chat(messages) -> ChatPrompt:
-        if not template:
-            raise bad("messages", "the tokenizer has no chat template; start the server with --chat-template FILE "
-                                  "(or chat_template=...) or use /v1/completions", code="no_chat_template")
-        try:
-            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception as exc:  # the template's own checks (e.g. roles must alternate) raise from Jinja
-            raise bad("messages", f"the chat template rejected them: {type(exc).__name__}: {exc}")
-        if not isinstance(text, str):
-            raise bad("messages", "the chat template did not render to text")
-        return ChatPrompt(text)
-
-    async def handle(request: Request, kind: str):
         t0 = time.perf_counter()
-        body = parse_json(await _read_body(request, max_body_bytes))
-        job = parse_request(body, kind, limits)
+        job = parse_request(parse_json(await _read_body(request, self.max_body_bytes)), kind, self.limits)
         if kind == "chat":
-            job.prompts = [render_chat(job.prompts[0])]
+            job.prompts = [render_chat(self.tokenizer, self.template, job.prompts[0])]
+        loop = self.loop
         ticket = loop.submit(job, t0)
         watcher = asyncio.create_task(_watch_disconnect(request, loop, ticket))
         try:
@@ -188,160 +172,97 @@ def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
         if first[0] == "rejected":
             watcher.cancel()
             raise first[1]
-        counts = first[1]
-        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        reply = Reply(job=job, rid=("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex,
+                      created=int(time.time()), model=self.limits.model_name, token_text=self.token_text,
+                      prompt_ids=first[1], prompt_texts=first[2])
         if job.stream:
-            return StreamingResponse(_stream(ticket, job, kind, rid, counts, watcher), media_type="text/event-stream",
+            return StreamingResponse(self._stream(ticket, reply, watcher), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finals = {}
         try:
-            finals = await _collect(ticket)
+            while not collect(finals, await ticket.queue.get(), ticket.sequences):
+                pass
         finally:
             watcher.cancel()
             loop.abort(ticket)  # no-op when it finished; frees it when this handler was cancelled
-        return _json_response(_full_response(job, kind, rid, counts, finals))
+        return _json_response(full_response(reply, finals, int(time.time())))
 
-    def _choice_error(type_, message):
-        return {"message": message, "type": type_}
-
-    def _ended_error(reason, message):  # an engine step failed ("error") or shutdown / a disconnect ended it
-        return _choice_error("engine_error" if reason == "error" else "aborted", message)
-
-    async def _collect(ticket: Ticket) -> dict:
-        finals = {}
-        while True:
-            ev = await ticket.queue.get()
-            if ev[0] == "output":
-                if ev[1].finished:
-                    finals[ev[2]] = dict(out=ev[1])
-            elif ev[0] == "ended":
-                for ci in range(ticket.sequences):
-                    finals.setdefault(ci, dict(out=None, reason=ev[1], message=ev[2]))
-                return finals
-            elif ev[0] == "done":
-                return finals
-
-    def _logprobs(job, kind, ids, lps, offset0=0):
-        toks = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-        vals = [finite(x) for x in lps]
-        if kind == "chat":
-            return {"content": [{"token": s, "logprob": v, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
-                                for s, v in zip(toks, vals)]}
-        offsets, pos = [], offset0
-        for s in toks:
-            offsets.append(pos)
-            pos += len(s)
-        return {"tokens": toks, "token_logprobs": vals, "top_logprobs": None, "text_offset": offsets}
-
-    def _full_response(job: Job, kind: str, rid: str, counts, finals) -> dict:
-        choices, completion_tokens = [], 0
-        for ci in range(len(finals)):
-            f = finals[ci]
-            out = f["out"]
-            if out is None:
-                text, reason, ids, lps, err = "", f["reason"], [], [], _ended_error(f["reason"], f["message"])
-            else:
-                text, reason, ids, lps = out.text, out.finish_reason, out.token_ids, out.logprobs or []
-                err = _choice_error("sampler_error", out.error) if out.finish_reason == "error" else None
-            completion_tokens += len(ids)
-            c = {"index": ci}
-            if kind == "chat":
-                c["message"] = {"role": "assistant", "content": text}
-            else:
-                c["text"] = text
-            c["logprobs"] = _logprobs(job, kind, ids, lps) if job.logprobs and out is not None else None
-            c["finish_reason"] = reason
-            if err is not None:
-                c["error"] = err
-            if job.return_token_ids:
-                c["token_ids"] = list(ids)
-            choices.append(c)
-        prompt_tokens = sum(counts)
-        return {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
-                "created": int(time.time()), "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
-
-    async def _stream(ticket: Ticket, job: Job, kind: str, rid: str, counts, watcher):
-        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-        created = int(time.time())
-        emitted = [""] * ticket.sequences
-        sent_tok = [0] * ticket.sequences
-        ntok = [0] * ticket.sequences
-        open_ = set(range(ticket.sequences))
-
-        def chunk(ci, delta_text, reason=None, lp=None, extra=None):
-            if kind == "chat":
-                delta = {} if delta_text is None else {"content": delta_text}
-                c = {"index": ci, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            else:
-                c = {"index": ci, "text": delta_text or "", "logprobs": lp, "finish_reason": reason}
-            if extra:
-                c.update(extra)
-            return "data: " + dumps({"id": rid, "object": obj, "created": created, "model": model_name,
-                                     "choices": [c]}) + "\n\n"
-
+    async def _stream(self, ticket: Ticket, reply: Reply, watcher):
+        builder = StreamBuilder(reply, ticket.sequences, reply.created, warn=log.warning)
         try:
-            if kind == "chat":
-                for ci in range(ticket.sequences):
-                    yield "data: " + dumps({"id": rid, "object": obj, "created": created, "model": model_name,
-                                            "choices": [{"index": ci, "delta": {"role": "assistant", "content": ""},
-                                                         "logprobs": None, "finish_reason": None}]}) + "\n\n"
-            while open_:
-                ev = await ticket.queue.get()
-                if ev[0] == "output":
-                    out, ci = ev[1], ev[2]
-                    if ci not in open_:
-                        continue
-                    text = out.text
-                    delta = ""
-                    if text.startswith(emitted[ci]):
-                        delta = text[len(emitted[ci]):]
-                        emitted[ci] = text
-                    elif out.finished:  # the final decode is not an extension of what was streamed (rare)
-                        log.warning("stream %s choice %d: final text diverged from the streamed prefix", rid, ci)
-                    ids = out.token_ids
-                    ntok[ci] = len(ids)
-                    lp = None
-                    if job.logprobs and out.logprobs is not None and len(ids) > sent_tok[ci]:
-                        lp = _logprobs(job, kind, ids[sent_tok[ci]:], out.logprobs[sent_tok[ci]:],
-                                       len(emitted[ci]) - len(delta))
-                        sent_tok[ci] = len(ids)
-                    extra = None
-                    if out.finished:
-                        extra = {}
-                        if out.finish_reason == "error":
-                            extra["error"] = _choice_error("sampler_error", out.error)
-                        if job.return_token_ids:
-                            extra["token_ids"] = list(ids)
-                        open_.discard(ci)
-                        yield chunk(ci, delta, out.finish_reason, lp, extra)
-                    elif delta or lp is not None:
-                        yield chunk(ci, delta, None, lp)
-                elif ev[0] == "ended":
-                    for ci in sorted(open_):
-                        yield chunk(ci, None if kind == "chat" else "", ev[1], None,
-                                    {"error": _ended_error(ev[1], ev[2])})
-                    open_.clear()
-                elif ev[0] == "done":
-                    open_.clear()
-            if job.include_usage:
-                prompt_tokens = sum(counts)
-                yield "data: " + dumps({"id": rid, "object": obj, "created": created, "model": model_name,
-                                        "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                                 "completion_tokens": sum(ntok),
-                                                                 "total_tokens": prompt_tokens + sum(ntok)}}) + "\n\n"
-            yield "data: [DONE]\n\n"
+            for chunk in builder.start():
+                yield chunk
+            while not builder.done:
+                for chunk in builder.on_event(await ticket.queue.get()):
+                    yield chunk
+            for chunk in builder.finish():
+                yield chunk
         finally:
             watcher.cancel()
-            loop.abort(ticket)  # no-op when finished; a client gone mid-stream frees its slot and blocks now
+            self.loop.abort(ticket)  # no-op when finished; a client gone mid-stream frees its slot and blocks now
 
-    @app.post("/v1/completions")
+
+def _error_handlers(app) -> None:
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _error_response(APIError(exc.status_code, None, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc):  # a bug of ours, not the client's: say so in JSON, log it, keep serving
+        log.error("unhandled error on %s:\n%s", request.url.path,
+                  "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return _error_response(APIError(500, None, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+def create_app(engine, *, model_name: str = "rast", max_waiting: int = 256,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_alpha: float = 1.0, max_n: int = 64,
+               chat_template: Optional[str] = None):
+    """A FastAPI app serving ``engine`` (module docstring). The engine loop thread starts with the app's lifespan
+    (and stops with it); ``app.state.loop`` is the :class:`~.engine_loop.EngineLoop`. ``chat_template`` (a Jinja
+    string) replaces the tokenizer's for ``/v1/chat/completions``."""
+    from fastapi import FastAPI, Request
+    from starlette.responses import PlainTextResponse
+
+    _check_options(max_waiting, max_body_bytes, max_n, default_alpha, model_name, chat_template)
+    metrics = Metrics()
+    loop = EngineLoop(engine, metrics=metrics, max_waiting=max_waiting)
+    limits = Limits(max_seq_len=engine.max_seq_len, max_n=max_n, default_alpha=float(default_alpha),
+                    model_name=model_name, vocab_size=engine.vocab_size)
+    service = _Service(loop, limits, engine.tokenizer, chat_template, max_body_bytes)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()
+
+    app = FastAPI(title="rast_kernels", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = _openapi(app, "OpenAI-compatible completions over one RAST engine (rast_kernels): "
+                                "z = z_base + sum_i alpha_i (z_expert_i - z_expert_base_i)", limits)
+    app.state.loop = loop
+    app.state.metrics = metrics
+    app.add_middleware(_CountRequests, metrics=metrics)
+    _error_handlers(app)
+
+    @app.post("/v1/completions", openapi_extra=_body("CompletionRequest"), responses=_ERRORS,
+              summary="Completions (OpenAI legacy) with RAST's fields; echo scores the prompt")
     async def completions(request: Request):
-        return await handle(request, "completion")
+        return await service.handle(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses=_ERRORS,
+              summary="Chat completions with RAST's fields")
     async def chat_completions(request: Request):
-        return await handle(request, "chat")
+        return await service.handle(request, "chat")
 
     @app.get("/v1/models")
     async def models():

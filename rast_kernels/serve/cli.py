@@ -16,36 +16,28 @@ import sys
 from .. import _cli
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser():
+    from ..engine.config import add_engine_arguments
+
     ap = _cli.ArgumentParser(prog="python -m rast_kernels serve",
                              description="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
-                                         "/v1/models, /health, /metrics) over one RAST engine")
+                                         "/v1/models, /health, /metrics; schema at /openapi.json, /docs) over one "
+                                         "RAST engine")
     m = ap.add_argument_group("models")
     m.add_argument("--base", help="base model: a local folder or a hub id")
     m.add_argument("--expert", help="RL expert (small): folder or hub id; with --expert-base (omit both to serve "
                                     "the base model alone)")
     m.add_argument("--expert-base", help="the expert's base model: folder or hub id")
     m.add_argument("--toy", action="store_true", help="serve the shipped toy trio (rast_kernels/toy/trio)")
-    m.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the one saved with the models)")
     m.add_argument("--chat-template", type=_cli.existing_file,
                    help="a Jinja chat template file for /v1/chat/completions (default: the tokenizer's)")
-    m.add_argument("--device", type=_cli.device, default=None,
-                   help="cpu, cuda or cuda:N (default: the first GPU, else cpu)")
-    m.add_argument("--dtype", choices=_DTYPES, default=None,
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     m.add_argument("--model-name", default="rast", help="the name /v1/models lists and requests give (default rast)")
-    e = ap.add_argument_group("engine")
-    e.add_argument("--max-batch-size", type=_cli.int_range(1), default=8, help="decode slots (default 8)")
-    e.add_argument("--max-seq-len", type=_cli.int_range(2), default=4096,
-                   help="prompt + max_tokens limit per sequence (default 4096)")
-    e.add_argument("--kv-cache-tokens", type=_cli.int_range(1), default=None,
-                   help="KV pool token slots per model (default: from free GPU memory; CPU: batch x seq len)")
-    e.add_argument("--block-size", type=_cli.int_range(1), default=16, help="tokens per KV block (default 16)")
-    e.add_argument("--alpha", type=_cli.finite_float, default=1.0,
+    m.add_argument("--alpha", type=_cli.finite_float, default=1.0,
                    help="alpha for requests that do not give one (default 1)")
+    # every engine setting, under the engine's names (rast_kernels.engine.config)
+    add_engine_arguments(ap)
     s = ap.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_cli.int_range(0, 65535), default=8000, help="port (default 8000; 0: any free)")
@@ -150,13 +142,10 @@ def main(argv=None) -> int:
     ap, args = parse_args(sys.argv[1:] if argv is None else argv)
     # SIGTERM while the models load: nothing is in flight yet, so a plain clean exit (serve() takes over after)
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(0))
-    from ..engine import RastEngine
+    from ..engine import EngineConfig, RastEngine
 
-    devices = args.device
     try:
-        engine = RastEngine(args.base, args.expert, args.expert_base, tokenizer=args.tokenizer, dtype=args.dtype,
-                            devices=devices, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                            kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size)
+        engine = RastEngine(args.base, args.expert, args.expert_base, config=EngineConfig.from_args(args))
     except (ValueError, TypeError, OSError) as exc:  # a model that will not load is the user's input too
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         ap.exit(2, f"{ap.prog}: error: could not build the engine: {msg}\n")

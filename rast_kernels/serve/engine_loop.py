@@ -8,10 +8,17 @@ Spec:
   :class:`Ticket`, or raises :class:`~.protocol.APIError`: 503 while draining or after the loop died, 429 with
   ``Retry-After`` when the engine's waiting sequences plus the queued ones reach ``max_waiting`` (back-pressure:
   a queue that only grows helps nobody).
-* The loop thread adds a job's prompts with :meth:`RastEngine.add_request` (all or none: a prompt that does not
-  fit aborts the ones added before it, which have not run yet) and answers ``("added", prompt_token_counts)`` or
-  ``("rejected", APIError)``; then one ``("output", GenerationOutput, choice_index)`` per engine update and
-  ``("done",)`` once every choice finished. Choice ``i * n + j`` is sample ``j`` of prompt ``i``.
+* The loop thread tokenizes a job's prompts, checks each in the request's terms (empty, token ids outside the
+  vocabulary, prompt + max_tokens beyond ``max_seq_len``, an ``alpha`` list that does not match the expert pairs:
+  a 400 naming the field) and adds them with :meth:`RastEngine.add_request` (all or none: a prompt that does not
+  fit aborts the ones added before it, which have not run yet). It answers ``("added", prompt_token_ids,
+  prompt_texts)`` (texts for ``echo`` only) or ``("rejected", APIError)``; then one ``("output",
+  GenerationOutput, choice_index, Scored | None)`` per engine update and ``("done",)`` once every choice
+  finished. Choice ``i * n + j`` is sample ``j`` of prompt ``i``.
+* ``echo`` with ``logprobs``: when a choice finishes, this thread scores its prompt + completion tokens with
+  :func:`score_tokens` (between two steps: the engine's models are this thread's alone) and sends the
+  :class:`~.responses.Scored` with the final output; with ``max_tokens = 0`` nothing is added to the engine and
+  the prompts' scores are the answer. A scoring failure is that choice's error, not the server's.
 * :meth:`EngineLoop.abort` (a client went away) aborts the job's engine requests at once: slots and KV blocks
   are free before the next step, and the published stats (``/metrics``) show it.
 * ``engine.step()`` raising does not end the loop: every job in flight (the step served them all, none can be
@@ -33,8 +40,14 @@ import time
 import traceback
 from typing import List, Optional
 
+import torch
+
+from ..engine import GenerationOutput
+from ..engine.scoring import combined_logprobs
+from ..params import ParamError
 from .metrics import Metrics
-from .protocol import APIError, ChatPrompt, Job
+from .protocol import APIError, ChatPrompt, Job, bad, from_param_error
+from .responses import Scored, echoed_ids
 
 log = logging.getLogger("rast_kernels.serve")
 
@@ -62,6 +75,7 @@ class Ticket:
         self.cancelled = False  # set by abort() before the loop saw the job
         self.closed = False  # no more events will come
         self.outbox: list = []
+        self.prompt_ids: List[List[int]] = []  # per prompt, once added
         self._aio = aio_loop
 
     @property
@@ -77,6 +91,25 @@ class Ticket:
     def _deliver(self, events) -> None:  # on the event loop
         for event in events:
             self.queue.put_nowait(event)
+
+
+def score_tokens(engine, ids: List[int], params, top_n: int) -> Scored:
+    """Every token of ``ids`` but the first scored under ``engine``'s combined distribution with ``params``'
+    weights (:func:`~rast_kernels.engine.scoring.combined_logprobs`), with the ``top_n`` most likely tokens at
+    each position. The caller owns the engine's models meanwhile (the engine-loop thread)."""
+    if len(ids) < 2:
+        return Scored([None] * len(ids), [None] * len(ids))
+    alphas = params.pair_alphas(engine.num_pairs) if engine.num_pairs else ()
+    lp = combined_logprobs(engine.models, ids[:-1], alphas, engine.vocab_size)
+    target = torch.tensor(ids[1:], device=lp.device)
+    chosen = lp.gather(1, target[:, None])[:, 0].tolist()
+    k = min(top_n, lp.shape[-1])
+    if k:
+        values, indices = lp.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        top = [[] for _ in chosen]
+    return Scored([None] + chosen, [None] + top)
 
 
 def _send_all(tickets) -> None:
@@ -227,6 +260,41 @@ class EngineLoop:
         _send_all(list(self._active) + self._to_send)
         self._to_send = []
 
+    def _tokenize(self, p) -> List[int]:
+        # tokenized exactly as RastEngine does for a string prompt (so a server completion equals
+        # engine.generate(prompt)); a chat rendering already holds the template's special tokens
+        tok = self.engine.tokenizer
+        if isinstance(p, ChatPrompt):
+            return list(tok(p.text, add_special_tokens=False)["input_ids"])
+        if isinstance(p, str):
+            return list(tok(p, add_special_tokens=True)["input_ids"])
+        return list(p)
+
+    def _params_for(self, job: Job, ids: List[int], name: str):
+        """The job's params for one tokenized prompt, or an :class:`APIError` naming ``name`` when the prompt
+        cannot be served (checked here, in the request's terms, before the engine sees it)."""
+        eng, params = self.engine, job.params
+        if not ids:
+            raise bad(name, "empty after tokenization: give at least one token")
+        bad_ids = [t for t in ids if not 0 <= t < eng.vocab_size]
+        if bad_ids:
+            raise bad(name, f"token id {bad_ids[0]} outside the vocabulary [0, {eng.vocab_size})")
+        if isinstance(params.alpha, tuple):
+            if eng.num_pairs == 0:
+                raise bad("alpha", "a list of weights needs expert pairs; this server decodes the base alone")
+            params.pair_alphas(eng.num_pairs)  # a ParamError naming alpha on a length mismatch
+        if job.max_tokens_auto:
+            s = eng.stats()
+            room = min(eng.max_seq_len - len(ids), s["kv_blocks_total"] * s["block_size"] - len(ids) + 1)
+            if room < 1:
+                raise bad(name, f"{len(ids)} prompt tokens leave no room to generate within "
+                                f"max_seq_len={eng.max_seq_len}")
+            return dataclasses.replace(params, max_new_tokens=room)
+        new = params.max_new_tokens if job.generate else 0
+        if len(ids) + new > eng.max_seq_len:
+            raise bad(name, f"{len(ids)} prompt tokens + max_tokens={new} exceed max_seq_len={eng.max_seq_len}")
+        return params
+
     def _add(self, ticket: Ticket) -> None:
         with self._lock:
             self._queued -= ticket.sequences
@@ -235,59 +303,69 @@ class EngineLoop:
             ticket.put(("rejected", APIError(400, None, "client disconnected before the request was queued")))
             return
         job, eng = ticket.job, self.engine
-        tok = eng.tokenizer
-        counts, rids = [], []
+        rids, all_ids = [], []
         try:
             for i, p in enumerate(job.prompts):
-                name = job.prompt_param if len(job.prompts) == 1 else f"{job.prompt_param}[{i}]"
+                name = job.prompt_param if len(job.prompts) == 1 else f"{job.prompt_param}.{i}"
                 try:
-                    # tokenized exactly as RastEngine does for a string prompt (so a server completion equals
-                    # engine.generate(prompt)); a chat rendering already holds the template's special tokens
-                    if isinstance(p, ChatPrompt):
-                        ids = list(tok(p.text, add_special_tokens=False)["input_ids"])
-                    elif isinstance(p, str):
-                        ids = list(tok(p, add_special_tokens=True)["input_ids"])
-                    else:
-                        ids = p
-                    params = job.params
-                    if job.max_tokens_auto:
-                        s = eng.stats()
-                        room = min(eng.max_seq_len - len(ids),
-                                   s["kv_blocks_total"] * s["block_size"] - len(ids) + 1)
-                        if room < 1:
-                            raise ValueError(f"{len(ids)} prompt tokens leave no room to generate within "
-                                             f"max_seq_len={eng.max_seq_len}")
-                        params = dataclasses.replace(params, max_new_tokens=room)
-                    rids.append(eng.add_request(ids, params))
-                    counts.append(len(ids))
-                except (ValueError, TypeError) as exc:
-                    msg = str(exc)
-                    if msg.startswith("alpha: "):  # a weight list that does not match the engine's expert pairs
-                        raise APIError(400, "alpha", msg)
-                    for old in ("prompts[0]: ", "prompt: "):  # the engine names its own argument
-                        if msg.startswith(old):
-                            msg = msg[len(old):]
-                    raise APIError(400, name, f"{name}: {msg.replace('max_new_tokens', 'max_tokens')}")
+                    ids = self._tokenize(p)
+                    params = self._params_for(job, ids, name)
+                    if job.generate:
+                        rids.append(eng.add_request(ids, params))
+                except ParamError as exc:
+                    raise from_param_error(exc, name)
+                except (ValueError, TypeError) as exc:  # the engine's own checks (e.g. the KV pool's size)
+                    raise bad(name, f"cannot be served: {exc}")
+                all_ids.append(ids)
         except APIError as err:
-            for rid in rids:  # added this iteration, never stepped: nothing ran
-                eng.abort_request(rid)
-            ticket.closed = True
-            ticket.put(("rejected", err))
+            self._reject(ticket, rids, err)
             return
         except Exception as exc:  # e.g. a tokenizer failure on odd input: the request's fault or ours, not fatal
-            for rid in rids:
-                eng.abort_request(rid)
-            ticket.closed = True
             log.error("adding a request failed:\n%s", traceback.format_exc())
-            ticket.put(("rejected", APIError(400, job.prompt_param, f"{job.prompt_param}: could not be queued: "
-                                                                    f"{type(exc).__name__}: {exc}")))
+            self._reject(ticket, rids, bad(job.prompt_param, f"could not be queued: {type(exc).__name__}: {exc}"))
+            return
+        ticket.prompt_ids = all_ids
+        texts = [p if isinstance(p, str) else eng.tokenizer.decode(ids, skip_special_tokens=False)
+                 for p, ids in zip(job.prompts, all_ids)] if job.echo else []
+        self.metrics.add_prompt_tokens(sum(len(x) for x in all_ids))
+        ticket.put(("added", all_ids, texts))
+        if not job.generate:  # echo with max_tokens = 0: the prompts' scores are the whole answer
+            self._answer_scores_only(ticket)
             return
         ticket.rids = rids
         for i, rid in enumerate(rids):
             self._by_rid[rid] = (ticket, i)
         self._active[ticket] = None
-        self.metrics.add_prompt_tokens(sum(counts))
-        ticket.put(("added", counts))
+
+    def _reject(self, ticket: Ticket, rids, err: APIError) -> None:
+        for rid in rids:  # added this iteration, never stepped: nothing ran
+            self.engine.abort_request(rid)
+        ticket.closed = True
+        ticket.put(("rejected", err))
+
+    def _score(self, ticket: Ticket, ids: List[int]) -> Optional[Scored]:
+        """``ids`` scored under the combined distribution with the job's weights (on this thread: the engine's
+        models are not used by anything else meanwhile); None unless the job asks for it."""
+        job = ticket.job
+        if not job.scored:
+            return None
+        try:
+            return score_tokens(self.engine, ids, job.params, job.top_logprobs)
+        except Exception as exc:  # e.g. out of memory on a long prompt: this choice's error, not the server's
+            log.error("scoring failed:\n%s", traceback.format_exc())
+            return Scored([], [], f"scoring failed: {type(exc).__name__}: {exc}")
+
+    def _answer_scores_only(self, ticket: Ticket) -> None:
+        n = ticket.job.params.n
+        for pi, ids in enumerate(ticket.prompt_ids):
+            scored = self._score(ticket, ids)  # the same for the n identical choices of a prompt
+            for j in range(n):
+                out = GenerationOutput(text="", token_ids=[], num_prompt_tokens=len(ids), finish_reason="length",
+                                       prompt_index=pi, sample_index=j, finished=True)
+                ticket.put(("output", out, pi * n + j, scored))
+        ticket.remaining = 0
+        ticket.closed = True
+        ticket.put(("done",))
 
     def _dispatch(self, outs) -> None:
         now = time.perf_counter()
@@ -306,7 +384,10 @@ class EngineLoop:
                     self.metrics.observe_ttft(now - ticket.t0)
                 st.last = now
                 st.ntok = len(out.token_ids)
-            ticket.put(("output", out, ci))
+            scored = None
+            if out.finished and ticket.job.scored:
+                scored = self._score(ticket, ticket.prompt_ids[pi] + echoed_ids(out))
+            ticket.put(("output", out, ci, scored))
             if out.finished:
                 st.finished = True
                 ticket.remaining -= 1

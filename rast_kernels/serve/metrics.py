@@ -7,6 +7,8 @@ Exposed (``GET /metrics``):
   every step and every abort): ``rast_requests_running`` and ``rast_requests_waiting`` (sequences: a request
   with ``n`` samples counts ``n``), ``rast_kv_blocks_used``, ``rast_kv_blocks_total``, ``rast_kv_block_size``;
   ``rast_requests_queued`` (HTTP requests accepted but not yet handed to the engine);
+* with speculative decoding: ``rast_speculative_{rounds,drafted,accepted,emitted}_total`` and the gauge
+  ``rast_speculative_tokens_per_round`` (the engine's counts as of its last read window);
 * counters: ``rast_generation_tokens_total`` (the engine's count), ``rast_prompt_tokens_total``,
   ``rast_http_requests_total{endpoint,status}``, ``rast_samples_finished_total{reason}``;
 * histograms: ``rast_time_to_first_token_seconds`` (per sample, from the HTTP request's arrival to the engine
@@ -116,6 +118,15 @@ class Metrics:
                     ("rast_prompt_tokens_total", "counter", "Prompt tokens of the requests handed to the engine.",
                      self.prompt_tokens)):
                 metric(name, kind, help_, [f"{name} {value}"])
+            if "speculative_rounds" in s:  # an engine with speculative_tokens > 0
+                for key, help_ in (("rounds", "Speculative row-rounds (one row, one round)."),
+                                   ("drafted", "Tokens the small models drafted."),
+                                   ("accepted", "Drafted tokens accepted (equal to RAST's own token)."),
+                                   ("emitted", "Tokens kept by speculative rounds.")):
+                    name = f"rast_speculative_{key}_total"
+                    metric(name, "counter", help_, [f"{name} {s[f'speculative_{key}']}"])
+                metric("rast_speculative_tokens_per_round", "gauge", "Mean tokens kept per row-round so far.",
+                       [f"rast_speculative_tokens_per_round {s['speculative_tokens_per_round']:.6g}"])
             metric("rast_http_requests_total", "counter", "HTTP requests answered, by endpoint and status.",
                    [f'rast_http_requests_total{{endpoint="{_escape(e)}",status="{c}"}} {v}'
                     for (e, c), v in sorted(self.http.items())])

@@ -6,7 +6,7 @@ is ``E`` for even or ``O`` for odd)::
 
     prompt   Q1011001110100101=
     direct   O<eos>                              (the answer in one token)
-    worked   S1123345556678899O<eos>             (the running count of ones, then its parity)
+    worked   S1123334566777889O<eos>             (the running count of ones, then its parity)
 
 Parity is the textbook case where step-by-step output turns a hard function into easy steps: the
 direct answer depends on all bits at once, which small transformers do not learn from examples (they

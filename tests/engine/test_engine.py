@@ -288,7 +288,7 @@ def test_state_fully_reset_between_calls(qwen_engine):
     before = rows()
     with torch.no_grad():
         for _ in range(3):
-            qwen_engine.runner._decode_step(4, 96, False)
+            qwen_engine.runner.step_rows(4, 96, False)
     assert all(torch.equal(a, b) for a, b in zip(before, rows()))
     got = qwen_engine.generate(PROMPTS[:2], **kw)
     assert [o.token_ids for o in got] == [o.token_ids for o in expect]

@@ -69,7 +69,7 @@ def test_triton_kernels_inside_the_decoder(tokenizer):
 
 
 def test_default_switch_and_unsupported_models(tokenizer, monkeypatch):
-    import rast_kernels.engine.engine as engine_module
+    import rast_kernels.engine.build as engine_module
     from rast_kernels.engine.fused_decode import onednn_linear_available
 
     models = _trio("qwen2", torch.float32)

@@ -81,7 +81,7 @@ def test_decode_step_has_no_host_reads(fused, pairs, plausibility, tokenizer):
     before = runner.state.n_gen.clone()
     mode = NoHostSync()
     with torch.no_grad(), mode:
-        runner._decode_step(4, 64, plausibility > 0)  # a padded bucket: row 3 is an empty, inert slot
+        runner.step_rows(4, 64, plausibility > 0)  # a padded bucket: row 3 is an empty, inert slot
     assert (runner.state.n_gen[:3] == before[:3] + 1).all() and runner.state.n_gen[3] == before[3]
     assert {"index_put_", "where"} <= mode.seen  # the bookkeeping (ring writes, masks) ran under the mode
 
@@ -93,3 +93,25 @@ def test_the_mode_catches_host_reads():
     with pytest.raises(AssertionError, match="nonzero"):
         with NoHostSync():
             torch.ones(3).nonzero()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["transformers_forward", "fused_decode"])
+def test_a_speculative_round_has_no_host_reads(fused, tokenizer):
+    """A speculative round (k drafts, the verify pass, one sampler call over every position, the commit) is captured
+    as one graph on CUDA: the same rules as a plain step."""
+    models = [make_model("qwen2", w, s) for w, s in zip(WIDTHS.values(), (1, 2, 3))]
+    engine = RastEngine(*models, tokenizer=tokenizer, devices="cpu", max_batch_size=4, max_seq_len=128, block_size=4,
+                        fused_decode=fused, speculative_tokens=3)
+    for i, p in enumerate(["the quick", "héllo wörld", "a"]):
+        engine.add_request(p, SamplingParams(temperature=(1.0, 0.0, 0.8)[i], top_p=0.9, max_new_tokens=80,
+                                             eos_token_id=[], seed=i))
+    engine.step()  # admits, prefills (host-driven) and runs a first window
+    assert engine.scheduler.num_running == 3
+    runner = engine.runner
+    before = runner.state.n_gen.clone()
+    mode = NoHostSync()
+    with torch.no_grad(), mode:
+        runner.step_rows(4, 64, False)
+    kept = runner.state.n_gen[:3] - before[:3]
+    assert ((kept >= 1) & (kept <= 4)).all() and runner.state.n_gen[3] == before[3]
+    assert {"cumprod", "index_put_", "gather"} <= mode.seen

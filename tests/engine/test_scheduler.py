@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from rast_kernels.engine.cache import BlockAllocator
+from rast_kernels.engine.block_manager import BlockAllocator
 from rast_kernels.engine.sampling_params import SamplingParams
 from rast_kernels.engine.scheduler import WAITING, Request, Scheduler, Sequence
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rast_kernels.eval import cli, runner
+from rast_kernels.eval import cli, report, run, store
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TOY = ["--toy", "--max-problems", "8", "--n", "4", "--k", "1", "4", "--max-new-tokens", "24", "--no-progress"]
@@ -24,7 +24,7 @@ def no_models(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr(runner, "run_eval", boom)
+    monkeypatch.setattr(run, "run_eval", boom)
     monkeypatch.setattr("rast_kernels.engine.RastEngine", boom)
 
 
@@ -65,7 +65,7 @@ def test_bad_options_are_one_line_exit_2(argv, option, why, no_models, capsys, t
 def test_out_with_other_settings_is_refused(no_models, capsys, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / runner.RUN).write_text(json.dumps({"temperature": 0.0}))
+    (out / store.RUN).write_text(json.dumps({"temperature": 0.0}))
     assert cli.main(["--toy", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --out" in err and "other settings" in err, err
@@ -74,7 +74,7 @@ def test_out_with_other_settings_is_refused(no_models, capsys, tmp_path):
 def test_damaged_samples_file_is_refused(no_models, capsys, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / runner.SAMPLES).write_text('{"dataset": "toy"}\n{oops\n{"dataset": "toy"}\n')
+    (out / store.SAMPLES).write_text('{"dataset": "toy"}\n{oops\n{"dataset": "toy"}\n')
     assert cli.main(["--toy", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --out" in err and "samples.jsonl:2 is not a sample record" in err, err
@@ -105,13 +105,13 @@ def toy_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy_eval"))
     argv = TOY + ["--alpha", "0", "1", "--base-only", "--diagnostics", "--out", out]
     assert cli.main(argv) == 0
-    with open(os.path.join(out, runner.SUMMARY)) as f:
+    with open(os.path.join(out, report.SUMMARY)) as f:
         summary = json.load(f)
     return argv, out, summary
 
 
 def _records(out):
-    with open(os.path.join(out, runner.SAMPLES)) as f:
+    with open(os.path.join(out, store.SAMPLES)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -123,16 +123,16 @@ def test_toy_table_delta_beats_base(toy_run, capsys):
     assert res["rast@1"]["toy"]["pass@1"][0] >= 0.9  # the trio's recorded eval: base + delta ~0.99
     # alpha = 0 is the base's logits exactly, and configurations share seeds: the same samples as the base row
     assert res["rast@0"] == res["base"]
-    table = open(os.path.join(out, runner.TABLE)).read()
+    table = open(os.path.join(out, report.TABLE)).read()
     lines = table.splitlines()
     assert lines[0].startswith("| model (pass@1 ± s.e., pass@4; n = 4) | toy (8) |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| base + delta (alpha=0)",
                                                               "| base + delta (alpha=1)"]
     recs = _records(out)
     assert len(recs) == 3 * 8 * 4
-    assert len({runner._key(r) for r in recs}) == len(recs)
+    assert len({store.record_key(r) for r in recs}) == len(recs)
     for r in recs:
-        assert set(runner.RECORD_FIELDS) <= set(r)
+        assert set(store.RECORD_FIELDS) <= set(r)
         assert r["correct"] == (r["extracted"] is not None and r["extracted"] == _gold(r["problem_id"]))
     assert s["run"]["new_tokens"] == sum(r["tokens"] for r in recs) > 0
 
@@ -164,27 +164,27 @@ def test_toy_resume_after_interruption_gives_the_same_summary(toy_run, tmp_path,
     argv, out, s = toy_run
     resumed = str(tmp_path / "resumed")
     shutil.copytree(out, resumed)
-    path = os.path.join(resumed, runner.SAMPLES)
+    path = os.path.join(resumed, store.SAMPLES)
     with open(path) as f:
         lines = f.readlines()
     # an interruption: the first 37 lines (mid-request) plus a torn half line
     with open(path, "w") as f:
         f.writelines(lines[:37])
         f.write(lines[37][: len(lines[37]) // 2])
-    os.remove(os.path.join(resumed, runner.SUMMARY))
+    os.remove(os.path.join(resumed, report.SUMMARY))
     argv2 = [a if a != out else resumed for a in argv]
     assert cli.main(argv2) == 0
-    with open(os.path.join(resumed, runner.SUMMARY)) as f:
+    with open(os.path.join(resumed, report.SUMMARY)) as f:
         s2 = json.load(f)
     assert s2["results"] == s["results"]
     assert s2["diagnostics"] == s["diagnostics"]
     assert s2["run"]["resumed_samples"] == 37
-    before = {runner._key(r): r["completion"] for r in _records(out)}
-    after = {runner._key(r): r["completion"] for r in _records(resumed)}
+    before = {store.record_key(r): r["completion"] for r in _records(out)}
+    after = {store.record_key(r): r["completion"] for r in _records(resumed)}
     assert after == before and len(_records(resumed)) == len(before)
     # a finished directory: nothing new to generate
     assert cli.main(argv2) == 0
-    with open(os.path.join(resumed, runner.SUMMARY)) as f:
+    with open(os.path.join(resumed, report.SUMMARY)) as f:
         s3 = json.load(f)
     assert s3["run"]["new_tokens"] == 0 and s3["results"] == s["results"]
 
@@ -192,14 +192,14 @@ def test_toy_resume_after_interruption_gives_the_same_summary(toy_run, tmp_path,
 def test_plot_when_matplotlib_is_there(toy_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, out, s = toy_run
-    assert runner.plot_alpha(s, str(tmp_path / "a.png")) is None
+    assert report.plot_alpha(s, str(tmp_path / "a.png")) is None
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
 def test_ctrl_c_keeps_what_was_written(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "o")
     argv = ["--toy", "--max-problems", "4", "--n", "2", "--base-only", "--no-progress", "--out", out]
-    real, calls = runner.grade_detail, []
+    real, calls = run.grade_detail, []
 
     def interrupt_on_fifth(*a, **k):
         calls.append(1)
@@ -207,11 +207,38 @@ def test_ctrl_c_keeps_what_was_written(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "grade_detail", interrupt_on_fifth)
+    monkeypatch.setattr(run, "grade_detail", interrupt_on_fifth)
     assert cli.main(argv) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err
     assert len(_records(out)) == 4
-    monkeypatch.setattr(runner, "grade_detail", real)
+    monkeypatch.setattr(run, "grade_detail", real)
     assert cli.main(argv) == 0
     recs = _records(out)
-    assert len(recs) == 8 and len({runner._key(r) for r in recs}) == 8
+    assert len(recs) == 8 and len({store.record_key(r) for r in recs}) == 8
+
+
+def test_toy_speculative_run_gives_the_same_samples_and_reports_its_rounds(toy_run, tmp_path):
+    """--speculative-tokens changes how fast, not what: the same completions as the plain run, and the summary
+    reports the drafted / accepted tokens (the base-only row has no draft and decodes plainly)."""
+    argv, out, s = toy_run
+    spec_out = str(tmp_path / "spec")
+    spec_argv = [a for a in argv if a != "--diagnostics"][:-1] + [spec_out, "--speculative-tokens", "3"]
+    assert cli.main(spec_argv) == 0
+    key = lambda r: store.record_key(r)  # noqa: E731
+    want = {key(r): r["completion"] for r in _records(out)}
+    assert {key(r): r["completion"] for r in _records(spec_out)} == want
+    with open(os.path.join(spec_out, report.SUMMARY)) as f:
+        run_stats = json.load(f)["run"]["speculative"]
+    assert run_stats["drafted"] == 3 * run_stats["rounds"] > 0
+    assert 1.0 <= run_stats["tokens_per_round"] <= 4.0 and 0.0 <= run_stats["acceptance"] <= 1.0
+
+
+def test_every_engine_setting_is_an_eval_option(tmp_path, capsys):
+    """--max-seq-len below what the prompts need is one line naming it (before any model loads), a bad engine value
+    is refused at parse time (tests/test_cli.py checks that every engine setting is an option here)."""
+    assert cli.main(TOY + ["--base-only", "--max-seq-len", "5", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-seq-len" in err and "need" in err
+    assert cli.main(TOY + ["--speculative-draft", "bogus", "--out", str(tmp_path / "b")]) == 2
+    assert "--speculative-draft" in capsys.readouterr().err
+

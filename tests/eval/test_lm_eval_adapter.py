@@ -62,7 +62,7 @@ def test_local_tasks_delta_beats_base(rast_lm):
 
     from rast_kernels.eval.lm_eval_adapter import RastLM
 
-    tm = TaskManager(include_path=TASKS)
+    tm = TaskManager(include_path=TASKS, include_defaults=False)  # not lm-eval's own tasks: a ~20 s index
     tasks = ["rast_toy_gen", "rast_toy_mc"]
     rast = lm_eval.simple_evaluate(model=rast_lm, tasks=tasks, task_manager=tm)["results"]
     base = lm_eval.simple_evaluate(model=RastLM(base=TRIO["base"]), tasks=tasks, task_manager=tm)["results"]

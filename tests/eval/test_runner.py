@@ -5,7 +5,7 @@ import os
 import pytest
 
 from rast_kernels.engine import GenerationOutput
-from rast_kernels.eval import runner
+from rast_kernels.eval import run, store
 from rast_kernels.eval.datasets import load_dataset
 from rast_kernels.eval.templates import resolve_template
 
@@ -62,13 +62,13 @@ class StandInEngine:
 def test_runner_columns_grading_seeds_and_feeding(tmp_path, capsys):
     datasets = [load_dataset("math500", os.path.join(DATA, "math500.jsonl")),
                 load_dataset("gsm8k", os.path.join(DATA, "gsm8k.jsonl"))]
-    configs = runner.make_configs([0.0, 1.0, 1.0], base_only=True, expert_only=False)
+    configs = run.make_configs([0.0, 1.0, 1.0], base_only=True, expert_only=False)
     assert [c.name for c in configs] == ["base", "rast@0", "rast@1"]  # duplicates dropped, paper order
-    settings = runner.Settings(models=dict(base="b", expert="e", expert_base="eb"),
+    settings = run.Settings(models=dict(base="b", expert="e", expert_base="eb"),
                                template=resolve_template("rast"), n=4, ks=[1, 2, 4], max_batch_size=1)
     log = []
     pytest.importorskip("math_verify")
-    s = runner.run_eval(datasets, configs, settings, str(tmp_path), tokenizer=CharTokenizer(),
+    s = run.run_eval(datasets, configs, settings, str(tmp_path), tokenizer=CharTokenizer(),
                         engine_factory=lambda m, L, d: StandInEngine(m, log), progress=False, log=print)
     res = s["results"]
     # trio at alpha 1: samples 0 and 1 right on every problem of both datasets, 2 and 3 wrong
@@ -82,7 +82,7 @@ def test_runner_columns_grading_seeds_and_feeding(tmp_path, capsys):
     # the waiting queue is kept at <= 2 * max_batch_size, so requests are fed while the engine runs
     assert max(q for _, q, _ in log) <= 2 and len(log) == 2 * 5 + 5
     # every row of a problem uses one request seed; the records carry sample_seed(that, j)
-    recs = runner.read_samples(str(tmp_path))
+    recs = store.read_samples(str(tmp_path))
     by_problem = {}
     for r in recs:
         by_problem.setdefault((r["dataset"], r["problem_id"], r["sample_index"]), set()).add(r["seed"])

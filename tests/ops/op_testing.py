@@ -32,9 +32,17 @@ def sampler_backend_available(backend: str) -> bool:
     return True
 
 
+def unavailable_reason(backend: str) -> str:
+    """The skip reason of a sampler backend :func:`sampler_backend_available` refuses (for the C++ kernel on CPU:
+    why ``rast_kernels._C`` did not import)."""
+    if backend == "cpp" and DEVICE == "cpu":
+        return _backends.cpp_unavailable_reason()
+    return f"{backend} backend unavailable on {DEVICE}"
+
+
 def sampler_backends(names=("torch", "cpp", "triton")) -> list:
     """pytest params of the sampler backends, the unavailable ones skipped with the reason."""
-    return [pytest.param(b, marks=pytest.mark.skipif(not sampler_backend_available(b), reason=f"{b} backend unavailable"))
+    return [pytest.param(b, marks=pytest.mark.skipif(not sampler_backend_available(b), reason=unavailable_reason(b)))
             for b in names]
 
 

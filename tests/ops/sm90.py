@@ -215,7 +215,7 @@ def _rast_sample():
 
 def _attention_configs():
     """``(dtype, head_dim, splits)`` of the attention split kernels: head dim 128 in every dtype with one and
-    eight splits; the other tile shapes of ``_block_n`` (64: BLOCK_N 64 with a narrower tile, 256: BLOCK_N 32)
+    eight splits; the other tile shapes of ``block_n`` (64: BLOCK_N 64 with a narrower tile, 256: BLOCK_N 32)
     in bf16 (fp16 has the same sizes) and fp32 (the biggest tiles), with splits. G_PAD 16 covers every group
     up to 16 query heads per kv head (the configs under benchmarks/configs have 4 to 7)."""
     return [(dt, 128, s) for dt in DTYPES for s in (1, 8)] + [(dt, d, 8) for dt in ("bf16", "fp32") for d in (64, 256)]
@@ -224,7 +224,8 @@ def _attention_configs():
 def _decode_attention():
     """Split kernel (one and eight splits) and combine kernel (up to 64 splits, head dims up to 256) at the
     launcher's tile sizes, bf16/fp16/fp32."""
-    from rast_kernels.ops.decode_attention import _block_n, _kernels
+    from rast_kernels.ops.attention_common import block_n
+    from rast_kernels.ops.decode_attention import _kernels
 
     split, combine = _kernels()
     p, n = "*fp32", 0
@@ -235,7 +236,7 @@ def _decode_attention():
         for name in ("sq_b", "sq_h", "sq_d", "sk_b", "sk_h", "sk_s", "sk_d", "sv_b", "sv_h", "sv_s", "sv_d",
                      "so_b", "so_h", "so_d"):
             sig[name] = "i32"
-        consts = dict(HEAD_DIM=dim, D_PAD=dim, G_PAD=16, BLOCK_N=_block_n(dim), NUM_SPLITS=splits,
+        consts = dict(HEAD_DIM=dim, D_PAD=dim, G_PAD=16, BLOCK_N=block_n(dim), NUM_SPLITS=splits,
                       PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False)
         compile_ptx(split, sig, consts)
         # as launched on contiguous q / caches / out (unit last strides, 16-aligned rows; see _paged_attention)
@@ -258,7 +259,7 @@ def _paged_attention():
     decode_attention's, compiled there); block table int32, lengths int32 and int64. Any strides with 64-bit
     slot offsets (the most registers), contiguous with 32-bit ones (the engine's pools, under 2**31 elements)
     and, at head dim 128, with 64-bit ones."""
-    from rast_kernels.ops.decode_attention import _block_n
+    from rast_kernels.ops.attention_common import block_n
     from rast_kernels.ops.paged_attention import _kernels
 
     split, _ = _kernels()
@@ -270,7 +271,7 @@ def _paged_attention():
         t = "*" + dt
         sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, bt_ptr="*i32", len_ptr="*i32" if splits == 1 else "*i64", out_ptr=t,
                    m_ptr=p, l_ptr=p, acc_ptr=p, block_size="i32", max_len="i32", group="i32", qk_scale="fp32")
-        consts = dict(HEAD_DIM=dim, D_PAD=dim, G_PAD=16, BLOCK_N=_block_n(dim), NUM_SPLITS=splits,
+        consts = dict(HEAD_DIM=dim, D_PAD=dim, G_PAD=16, BLOCK_N=block_n(dim), NUM_SPLITS=splits,
                       PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False)
         # any strides (the generic build), then contiguous q / pools / table / out with 16-aligned rows (the
         # engine's case: unit strides and vectorized loads)
@@ -283,6 +284,41 @@ def _paged_attention():
             n += 1
         n += 1
     return n
+
+
+def _paged_multi_token_attention():
+    """The multi-token split kernel (its combine kernel is compiled with decode_attention's) at the packed-row
+    tiles its launcher picks (``multi_token_rows``: 64 rows for 16-bit at head dim 128, 32 at 256, 16 for fp32),
+    one and eight splits, contiguous tensors with 32-bit slot offsets (the engine's case), and once with any
+    strides and 64-bit offsets."""
+    import torch
+
+    from rast_kernels.ops.attention_common import block_n
+    from rast_kernels.ops.paged_attention import _multi_token_kernel, multi_token_rows
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    p = "*fp32"
+    strides = ("s_len", "sbt_b", "sbt_j", "sq_b", "sq_t", "sq_h", "sq_d", "sk_n", "sk_s", "sk_h", "sk_d",
+               "sv_n", "sv_s", "sv_h", "sv_d", "so_b", "so_t", "so_h", "so_d")
+    unit = ("s_len", "sbt_j", "sq_d", "sk_d", "sv_d", "so_d")
+    configs = [("bf16", 128, 1, False), ("bf16", 128, 8, False), ("fp16", 128, 8, False), ("fp32", 128, 8, False),
+               ("bf16", 256, 8, False), ("bf16", 128, 8, True)]
+    for dt, dim, splits, generic in configs:
+        t = "*" + dt
+        sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, bt_ptr="*i32", len_ptr="*i64", out_ptr=t, m_ptr=p, l_ptr=p,
+                   acc_ptr=p, n_q="i32", n_qt="i32", q_tile="i32", block_size="i32", max_len="i32", group="i32",
+                   qk_scale="fp32")
+        consts = dict(HEAD_DIM=dim, D_PAD=dim, M_PAD=multi_token_rows(dtypes[dt], dim), BLOCK_N=block_n(dim),
+                      NUM_SPLITS=splits, PRECISION="ieee" if dt == "fp32" else "tf32", DOT_FP32=False)
+        if generic:
+            compile_ptx(_multi_token_kernel(), dict(sig, **{k: "i32" for k in strides}), dict(consts, OFFS64=True))
+        else:
+            compile_ptx(_multi_token_kernel(), dict(sig, **{k: "i32" for k in strides if k not in unit}),
+                        dict(consts, OFFS64=False, **{k: 1 for k in unit}),
+                        aligned=[k for k in sig if k.endswith("_ptr")] + ["sq_b", "sq_t", "sq_h", "sk_n", "sk_s",
+                                                                          "sk_h", "sv_n", "sv_s", "sv_h", "so_b",
+                                                                          "so_t", "so_h"])
+    return len(configs)
 
 
 def _rast_sample_launch_configs():
@@ -315,7 +351,8 @@ def _rast_sample_all():
 
 
 JOBS = {"rms_norm": _rms_norm, "rope_cache": _rope_cache, "silu_mul": _silu_mul, "rast_sample": _rast_sample_all,
-        "decode_attention": _decode_attention, "paged_attention": _paged_attention}
+        "decode_attention": _decode_attention, "paged_attention": _paged_attention,
+        "paged_multi_token_attention": _paged_multi_token_attention}
 
 
 def main(names=None):

@@ -10,7 +10,7 @@ from rast_kernels import _backends, rast_sample
 from rast_kernels.ops.philox import random_words
 from rast_kernels.ops.rast_sample_reference import rast_sample_reference
 
-pytestmark = pytest.mark.skipif(not _backends.has_cpp_cpu(), reason="rast_kernels._C is not built")
+pytestmark = pytest.mark.skipif(not _backends.has_cpp_cpu(), reason=_backends.cpp_unavailable_reason())
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

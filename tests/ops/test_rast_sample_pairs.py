@@ -6,7 +6,8 @@ import pytest
 import torch
 
 # op_testing first: it sets TRITON_INTERPRET on CPU
-from op_testing import DEVICE, INTERPRETED, gen, raises_naming, sampler_backend_available, sampler_backends
+from op_testing import (DEVICE, INTERPRETED, gen, raises_naming, sampler_backend_available, sampler_backends,
+                        unavailable_reason)
 from rast_kernels import _backends, rast_sample
 from rast_kernels.ops.rast_sample_reference import kept_mask, rast_sample_reference
 
@@ -289,7 +290,7 @@ def test_argument_errors_name_the_argument():
                   dict(base_plausibility=2.0), ValueError, "base_plausibility")
 
 
-@pytest.mark.skipif(not sampler_backend_available("cpp"), reason="cpp backend unavailable")
+@pytest.mark.skipif(not sampler_backend_available("cpp"), reason=unavailable_reason("cpp"))
 def test_cpp_pairs_kernel_with_one_pair_is_the_plain_kernel_bit_for_bit():
     """rast_sample_pairs_cpu (the K-pair loop) with K = 1 and plausibility off == rast_sample_cpu, logprobs too."""
     _C = _backends.cpp_module()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from parallel_launch import needs_dist, torchrun
-from rast_kernels.eval import cli, runner
+from rast_kernels.eval import cli, report, store
 
 pytestmark = needs_dist
 ARGS = ["--toy", "--max-problems", "6", "--n", "2", "--k", "1", "2", "--alpha", "1", "--base-only", "--diagnostics",
@@ -16,7 +16,7 @@ ARGS = ["--toy", "--max-problems", "6", "--n", "2", "--k", "1", "2", "--alpha", 
 
 
 def _records(out):
-    return runner._read_records(os.path.join(out, runner.SAMPLES))
+    return store.read_records(os.path.join(out, store.SAMPLES))
 
 
 def _as_set(records):
@@ -24,7 +24,7 @@ def _as_set(records):
 
 
 def _summary(out):
-    with open(os.path.join(out, runner.SUMMARY)) as f:
+    with open(os.path.join(out, report.SUMMARY)) as f:
         s = json.load(f)
     return {k: s[k] for k in ("results", "diagnostics", "configs")}
 
@@ -48,7 +48,7 @@ def test_two_ranks_match_one_process(one_process, tmp_path):
     r = _eval_dp2(out)
     assert _as_set(_records(out)) == _as_set(_records(one_process)) and len(_records(out)) == 2 * 6 * 2
     assert _summary(out) == _summary(one_process)
-    assert runner.part_files(out) == []  # merged into samples.jsonl
+    assert store.part_files(out) == []  # merged into samples.jsonl
     assert r.stdout.count("| base + delta (alpha=1) |") == 1  # only rank 0 prints the table
 
 
@@ -69,31 +69,31 @@ def test_resume_with_parts_left_by_an_interrupted_run(one_process, tmp_path):
     shutil.copytree(one_process, out)
     recs = _records(one_process)
     lines = [json.dumps(r) + "\n" for r in recs]
-    with open(os.path.join(out, runner.SAMPLES), "w") as f:
+    with open(os.path.join(out, store.SAMPLES), "w") as f:
         f.writelines(lines[:5])
-    with open(runner.part_path(out, 0), "w") as f:  # group 0 of the interrupted run, killed mid-line
+    with open(store.part_path(out, 0), "w") as f:  # group 0 of the interrupted run, killed mid-line
         f.writelines(lines[5:9] + [lines[9][:20]])
-    with open(runner.part_path(out, 3), "w") as f:  # a group of an earlier run with more groups
+    with open(store.part_path(out, 3), "w") as f:  # a group of an earlier run with more groups
         f.writelines(lines[9:12] + lines[2:3])  # ... and one record samples.jsonl already has
-    os.remove(os.path.join(out, runner.SUMMARY))
+    os.remove(os.path.join(out, report.SUMMARY))
     _eval_dp2(out)
     assert _as_set(_records(out)) == _as_set(recs) and len(_records(out)) == len(recs)
-    assert runner.part_files(out) == []
+    assert store.part_files(out) == []
     assert _summary(out) == _summary(one_process)
-    with open(os.path.join(out, runner.SUMMARY)) as f:
+    with open(os.path.join(out, report.SUMMARY)) as f:
         assert json.load(f)["run"]["resumed_samples"] == 12
 
 
 def test_merge_parts_is_idempotent(tmp_path):
     out = str(tmp_path)
     rec = lambda i: dict(dataset="toy", problem_id=f"p{i}", config="base", sample_index=0)  # noqa: E731
-    with open(os.path.join(out, runner.SAMPLES), "w") as f:
+    with open(os.path.join(out, store.SAMPLES), "w") as f:
         f.write(json.dumps(rec(0)) + "\n")
     for g, ids in ((0, [1, 2]), (1, [2, 3])):
-        with open(runner.part_path(out, g), "w") as f:
+        with open(store.part_path(out, g), "w") as f:
             f.writelines(json.dumps(rec(i)) + "\n" for i in ids)
-    assert [os.path.basename(p) for p in runner.part_files(out)] == ["samples.part-0.jsonl", "samples.part-1.jsonl"]
-    assert runner.merge_parts(out) == 3 and runner.merge_parts(out) == 0
+    assert [os.path.basename(p) for p in store.part_files(out)] == ["samples.part-0.jsonl", "samples.part-1.jsonl"]
+    assert store.merge_parts(out) == 3 and store.merge_parts(out) == 0
     assert [r["problem_id"] for r in _records(out)] == ["p0", "p1", "p2", "p3"]
 
 

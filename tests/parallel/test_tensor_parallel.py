@@ -103,3 +103,16 @@ def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+
+
+def test_tp_ranks_agree_on_the_kv_pool(tmp_path):
+    """Ranks that see different free memory take the group's smallest pool (else their schedulers would admit and
+    preempt differently and the collectives would stop matching) and finish the same generation."""
+    out = tmp_path / "out.json"
+    r = torchrun(2, worker("pool_worker.py"), str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    locals_ = [p["local"] for p in ranks]
+    assert locals_[0] < locals_[1]  # the fakes differ
+    assert all(p["tokens"] == locals_[0] and p["blocks"] == ranks[0]["blocks"] for p in ranks)
+    assert ranks[0]["tokens_out"] == ranks[1]["tokens_out"] and all(ranks[0]["tokens_out"])

@@ -32,7 +32,10 @@ BAD_BODIES = [
     (dict(), "prompt"),
     (dict(prompt=[]), "prompt"),
     (dict(prompt=""), "prompt"),
-    (dict(prompt=[[1, "a"]]), "prompt[0]"),
+    (dict(prompt=[[1, "a"]]), "prompt.0.1"),  # a field path is dotted: prompt 0, its token 1
+    (dict(prompt=[[]]), "prompt"),
+    (dict(prompt=["Q01=", ""]), "prompt"),
+    (dict(prompt=[1, "a"]), "prompt"),  # token ids mixed with a prompt
     (dict(prompt=[1, 2, 99999]), "prompt"),  # outside the vocabulary (the engine's check)
     (dict(prompt="0" * 600), "prompt"),  # beyond max_seq_len
     (dict(prompt="0" * 500, max_tokens=24), "prompt"),  # prompt + max_tokens beyond max_seq_len
@@ -43,8 +46,8 @@ BAD_BODIES = [
     (dict(prompt=P, n=10**9), "n"),
     (dict(prompt=P, n=1.5), "n"),
     (dict(prompt=P, stop=5), "stop"),
-    (dict(prompt=P, stop=["a", 1]), "stop"),
-    (dict(prompt=P, stop=[""]), "stop"),
+    (dict(prompt=P, stop=["a", 1]), "stop.1"),
+    (dict(prompt=P, stop=[""]), "stop.0"),
     (dict(prompt=P, temperature=-1), "temperature"),
     (dict(prompt=P, temperature="hot"), "temperature"),
     (dict(prompt=P, top_p=0), "top_p"),
@@ -52,11 +55,12 @@ BAD_BODIES = [
     (dict(prompt=P, min_p=2), "min_p"),
     (dict(prompt=P, top_k=-1), "top_k"),
     (dict(prompt=P, top_k=1.5), "top_k"),
-    (dict(prompt=P, top_k=10**20), "top_k"),  # SamplingParams accepts it; the engine's int64 slot rows do not
+    (dict(prompt=P, top_k=2**63), "top_k"),  # beyond int64 (RANGES["top_k"]; 2**63 - 1 is served)
     (dict(prompt=P, alpha="a"), "alpha"),
     (dict(prompt=P, alpha=10**400), "alpha"),  # an integer no float can hold
     (dict(prompt=P, alpha=[]), "alpha"),
-    (dict(prompt=P, alpha=[1.0, "a"]), "alpha"),
+    (dict(prompt=P, alpha=[1.0, "a"]), "alpha.1"),
+    (dict(prompt=P, alpha={"a": 1}), "alpha"),
     (dict(prompt=P, alpha=[1.0, 2.0]), "alpha"),  # two weights for the toy trio's one pair (the engine's check)
     (dict(prompt=P, base_plausibility=1.5), "base_plausibility"),
     (dict(prompt=P, base_plausibility="x"), "base_plausibility"),
@@ -66,7 +70,9 @@ BAD_BODIES = [
     (dict(prompt=P, stream="yes"), "stream"),
     (dict(prompt=P, stream_options={"include_usage": True}), "stream_options"),
     (dict(prompt=P, tempreture=1.0), "tempreture"),
-    (dict(prompt=P, echo=True), "echo"),
+    (dict(prompt=P, echo=True, stream=True), "echo"),
+    (dict(prompt=P, max_tokens=0), "max_tokens"),  # 0 only with echo
+    (dict(prompt=P, echo=True, logprobs=21), "logprobs"),
     (dict(prompt=P, frequency_penalty=0.5), "frequency_penalty"),
     (dict(prompt=P, ignore_eos=1), "ignore_eos"),
 ]
@@ -74,8 +80,10 @@ BAD_CHAT = [
     (dict(), "messages"),
     (dict(messages="hi"), "messages"),
     (dict(messages=[]), "messages"),
-    (dict(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
-    (dict(messages=[{"content": "x"}]), "messages[0].role"),
+    (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+    (dict(messages=[{"content": "x"}]), "messages.0.role"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image", "text": "x"}]}]), "messages.0.content.0.type"),
+    (dict(messages=[{"role": "user", "content": P, "tool_calls": []}]), "messages.0.tool_calls"),
     (dict(messages=[{"role": "user", "content": P}], top_logprobs=3), "top_logprobs"),
     (dict(messages=[{"role": "user", "content": P}], prompt=P), "prompt"),
 ]
