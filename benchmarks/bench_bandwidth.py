@@ -1,7 +1,8 @@
 """Memory bandwidth the decode step can reach on this machine: a large copy (the floor the decode benchmarks use,
 bytes read plus written), a read-only reduction, and matrix-vector products (``[M, K] @ [N, K]^T``, fp32) of a
-model's linear layers through PyTorch's ``linear`` (MKL on CPU) and through oneDNN (the fused CPU decoder's
-linear), each as weight bytes read per second. All in one process, interleaved, medians.
+model's linear layers through PyTorch's ``linear`` (MKL on CPU), through oneDNN, and through
+:func:`rast_kernels.ops.linear_rows.linear_rows` (the fused CPU decoder's linear for up to 8 rows), each as weight
+bytes read per second. All in one process, interleaved, medians.
 
 Why: a B=1 decode step reads every weight once, so its time is bounded below by weight bytes over bandwidth, and
 the question is which bandwidth a matrix-vector product actually attains here.
@@ -9,6 +10,7 @@ the question is which bandwidth a matrix-vector product actually attains here.
 Examples::
 
     python benchmarks/bench_bandwidth.py --out out/                 # Qwen2.5-1.5B's layer shapes, M = 1 and 4
+    python benchmarks/bench_bandwidth.py --batch 1 2 5 8 --out out/  # the rows of a speculative verify pass
     python benchmarks/bench_bandwidth.py --shapes 8960x1536 --batch 1 --repeats 9
 
 Writes ``bandwidth.json`` under ``--out``.
@@ -70,6 +72,7 @@ def _median_s(fns: dict, repeats: int) -> dict:
 
 def run(args, checkpoint=None) -> dict:
     from rast_kernels.engine.fused_decode import onednn_linear, onednn_linear_available
+    from rast_kernels.ops.linear_rows import MAX_ROWS, linear_rows, linear_rows_available
 
     torch.manual_seed(0)
     result = dict(benchmark="bandwidth", date=utc_now(), device=device_name(torch.device("cpu")),
@@ -89,6 +92,8 @@ def run(args, checkpoint=None) -> dict:
             fns = {"torch_linear": lambda: torch.nn.functional.linear(x, w)}
             if onednn_linear_available():
                 fns["onednn"] = lambda: onednn_linear(x, w)
+            if m <= MAX_ROWS and linear_rows_available():
+                fns["linear_rows"] = lambda: linear_rows(x, w)
             t = _median_s(fns, args.repeats)
             row = dict(n=n, k=k, m=m, weight_mb=round(w.numel() * 4 / 1e6, 1),
                        **{f"{name}_gb_s": round(w.numel() * 4 / s / 1e9, 2) for name, s in t.items()})

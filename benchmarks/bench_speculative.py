@@ -5,18 +5,21 @@ Parts (``--parts``, run in the order given; each writes its rows to ``speculativ
 * ``acceptance``: the shipped toy trio (the only trained models we have; acceptance depends on real distributions)
   on held-out problems: for every ``k`` in ``--k``, both drafts (``expert``: the RL expert alone;
   ``combination``: the small models' own ``z_eb + alpha (z_e - z_eb)``), ``alpha`` in ``--alpha`` and
-  ``temperature`` in ``--temperature``: drafted tokens, accepted drafts, the acceptance rate (accepted / drafted)
-  and the mean tokens per round; every run's tokens are compared with plain decoding's (``identical``).
-* ``e2e``: tokens/s on the toy trio at each ``--batch``: plain RAST, speculative RAST (``--e2e-k``, the default
-  draft) and the base alone through the same engine, interleaved ``--repeats`` times in one process (medians).
+  ``temperature`` in ``--temperature``: drafted tokens, drafts checked against RAST's token (up to the first
+  mismatch, within the row's end), accepted drafts, the acceptance rate (accepted / checked: the per-draft
+  agreement) and the mean tokens per round; every run's tokens are compared with plain decoding's (``identical``).
+* ``e2e``: tokens/s on the toy trio at each ``--batch``, greedy, alpha 1: plain RAST, speculative RAST
+  (``--e2e-k``, the default draft) and the base alone through the same engine, interleaved ``--repeats`` times in
+  one process (medians). RAST's completions are worked answers (~19 tokens); the base alone mostly answers in
+  one token, so ``base_alone`` also decodes 24 tokens with EOS off (``base_alone_24``): the per-token comparison.
 * ``round_cost``: random-init models with real configs (``--trio``, default ``qwen-small`` = Qwen2.5-1.5B +
   2 x Qwen2.5-0.5B; ``qwen`` = 7B + 2 x 1.5B on a GPU): the time of one speculative round against ``k + 1`` plain
   decode steps, and the base's forward over ``k + 1`` tokens against its one-token forward, both on the engine's
-  own decode path (``--batch`` rows, ``--prompt-len`` tokens of context).
+  own decode path (``--round-batch`` rows, ``--prompt-len`` tokens of context).
 * ``model`` (computed last, from the parts that ran): predicted speedups (MODEL, not measured): ``tokens per round x plain step / round``, from the
   measured round costs and the toy's acceptance, and for larger trios from a weight-bandwidth model (a step reads
-  every model's weights once; a ``Q``-token forward costs ``verify_ratio(Q)`` one-token forwards, as measured);
-  with the per-token agreement ``p`` at which speculation breaks even.
+  every model's weights once; a ``Q``-token forward costs ``verify_ratio(Q)`` one-token forwards: as measured here,
+  and 1.0, the memory-bound case); with the per-token agreement ``p`` at which speculation breaks even.
 
 Examples::
 
@@ -67,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="acceptance: temperatures (0 = greedy)")
     p.add_argument("--problems", type=_cli.int_range(1, 13059), default=64, help="toy held-out problems (default 64)")
     p.add_argument("--batch", type=_cli.int_range(1, 256), nargs="+", default=[1, 8],
-                   help="e2e and round_cost batch sizes (default 1 8)")
+                   help="e2e batch sizes (default 1 8)")
+    p.add_argument("--round-batch", type=_cli.int_range(1, 256), nargs="+", default=[1, 4],
+                   help="round_cost batch sizes (default 1 4)")
     p.add_argument("--e2e-k", type=_cli.int_range(1, 15), default=4, help="e2e: drafted tokens per round (default 4)")
     p.add_argument("--repeats", type=_cli.int_range(1), default=3, help="timing repeats (medians; default 3)")
     p.add_argument("--trio", choices=sorted(models.TRIOS) + ["tiny"], default="qwen-small",
@@ -119,8 +124,8 @@ def acceptance_rows(args, checkpoint) -> list:
                     s = engine.stats()
                     rows.append(dict(part="acceptance", k=k, draft=draft, alpha=alpha, temperature=temperature,
                                      problems=len(prompts), rounds=s["speculative_rounds"],
-                                     drafted=s["speculative_drafted"], accepted=s["speculative_accepted"],
-                                     acceptance=s["speculative_accepted"] / max(1, s["speculative_drafted"]),
+                                     drafted=s["speculative_drafted"], checked=s["speculative_checked"],
+                                     accepted=s["speculative_accepted"], acceptance=s["speculative_acceptance"],
                                      tokens_per_round=s["speculative_tokens_per_round"], identical=got == plain))
                     print(f"acceptance k={k} {draft:11s} alpha={alpha} T={temperature}: "
                           f"{rows[-1]['acceptance']:.3f} accepted, {rows[-1]['tokens_per_round']:.2f} tokens/round, "
@@ -134,18 +139,20 @@ def e2e_rows(args, checkpoint) -> list:
     rows = []
     for batch in args.batch:
         prompts = toy_prompts(max(16, 4 * batch), seed=1)
+        base_alone = toy_engine(args, batch, base_alone=True)
         systems = {"rast": toy_engine(args, batch), "rast_speculative": toy_engine(
-            args, batch, speculative_tokens=args.e2e_k), "base_alone": toy_engine(args, batch, base_alone=True)}
+            args, batch, speculative_tokens=args.e2e_k), "base_alone": base_alone, "base_alone_24": base_alone}
         kw = dict(alpha=1.0, temperature=0.0, max_new_tokens=TOY_NEW_TOKENS, seed=5)
+        per = {name: dict(kw, eos_token_id=[]) if name == "base_alone_24" else kw for name in systems}
         times = {name: [] for name in systems}
         tokens = {}
         for name, engine in systems.items():  # warm-up
-            engine.generate(prompts[:batch], **kw)
+            engine.generate(prompts[:batch], **per[name])
         for _ in range(args.repeats):
             for name, engine in systems.items():
                 sync(args.device)
                 t = time.perf_counter()
-                outs = engine.generate(prompts, **kw)
+                outs = engine.generate(prompts, **per[name])
                 sync(args.device)
                 times[name].append(time.perf_counter() - t)
                 tokens[name] = [o.token_ids for o in outs]
@@ -213,7 +220,7 @@ def round_cost_rows(args, checkpoint) -> list:
     tokenizer = models.placeholder_tokenizer(470 if args.trio == "tiny" else models.TOKENIZER_LEN[
         trio[0].config.model_type])
     rows = []
-    for b in args.batch:
+    for b in args.round_batch:
         plain = _running_engine(trio, tokenizer, args, b, 0)
         step = _per_step_s(plain, args.repeats, args.device)
         forward = {q: _forward_s(plain, b, q, args.repeats, args.device) for q in sorted({1} | {k + 1 for k in args.k})}
@@ -224,6 +231,7 @@ def round_cost_rows(args, checkpoint) -> list:
             rnd = _per_step_s(spec, args.repeats, args.device)
             del spec
             rows.append(dict(part="round_cost", trio=args.trio, models=names, dtype=args.dtype, batch=b, k=k,
+                             device=device_name(args.device),
                              fused_decode=fused, plain_step_ms=step * 1e3, round_ms=rnd * 1e3,
                              round_vs_plain_steps=rnd / ((k + 1) * step), base_forward_1_ms=forward[1] * 1e3,
                              base_forward_q_ms=forward[k + 1] * 1e3, verify_ratio=forward[k + 1] / forward[1]))
@@ -255,17 +263,20 @@ def model_rows(acceptance: list, costs: list) -> list:
                                  alpha=alpha, temperature=temp, toy_tokens_per_round=tpr[c["k"]],
                                  predicted_speedup=tpr[c["k"]] * c["plain_step_ms"] / c["round_ms"],
                                  inputs="measured round_ms and plain_step_ms x the toy's tokens per round"))
-    ratio = {c["k"]: c["verify_ratio"] for c in costs if c["batch"] == min(x["batch"] for x in costs)}
+    measured = {c["k"]: c["verify_ratio"] for c in costs if c["batch"] == min(x["batch"] for x in costs)}
     for name, (big, small) in MODEL_TRIOS.items():
         wb, ws = PARAMS_B[big], PARAMS_B[small]
-        for k, vr in sorted(ratio.items()):
-            plain = wb + 2 * ws                              # one step reads every model once
-            rnd = (k + 1) * ws + vr * (wb + ws)              # the expert drafts k + 1 steps; base + expert base verify
-            even = _break_even(plain, rnd, k)
-            rows.append(dict(part="model", label="MODEL", trio=name, k=k, verify_ratio=vr, round_vs_plain=rnd / plain,
-                             speedup_at_p={str(p): tokens_per_round(p, k) * plain / rnd for p in (0.7, 0.8, 0.9, 0.95)},
-                             break_even_p=even, inputs=f"weights {big} {wb}B + 2 x {small} {ws}B params; memory-bound "
-                                                       f"steps; verify_ratio measured on {costs[0]['trio']}"))
+        for k in sorted(measured):
+            for source, vr in ((f"measured on {costs[0]['trio']} ({costs[0]['device']}, B = 1)", measured[k]),
+                               ("assumed 1.0 (a memory-bound forward: k + 1 tokens read the weights once)", 1.0)):
+                plain = wb + 2 * ws                          # one step reads every model once
+                rnd = (k + 1) * ws + vr * (wb + ws)          # the expert drafts k + 1 steps; base + expert base verify
+                rows.append(dict(part="model", label="MODEL", trio=name, k=k, verify_ratio=vr, verify_source=source,
+                                 round_vs_plain=rnd / plain, break_even_p=_break_even(plain, rnd, k),
+                                 speedup_at_p={str(p): tokens_per_round(p, k) * plain / rnd
+                                               for p in (0.7, 0.8, 0.9, 0.95)},
+                                 inputs=f"weights {big} {wb}B + 2 x {small} {ws}B params, memory-bound steps, the "
+                                        f"expert drafting; verify_ratio {source}"))
     return rows
 
 

@@ -353,7 +353,7 @@ main() {
         --out "$WORK"
     step engine 35 "$PY" benchmarks/gpu_engine_checks.py --out "$WORK"
     step speculative 30 "$PY" benchmarks/bench_speculative.py --parts round_cost e2e model \
-        --trio qwen --k 4 --batch 1 --repeats 1 --e2e-k 4 --out "$WORK"
+        --trio qwen --k 4 --batch 1 --round-batch 1 --repeats 1 --e2e-k 4 --out "$WORK"
     step attention 20 "$PY" benchmarks/bench_decode_attention.py --batch 1 8 32 --lengths 1024 4096 --replays 20 \
         --out "$WORK"
     # shellcheck disable=SC2046

@@ -34,6 +34,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("log_base_plausibility"), py::arg("seed"), py::arg("offset"), py::arg("vocab_size"),
         py::arg("out"), py::arg("logprobs") = py::none(), py::call_guard<py::gil_scoped_release>());
 
+  m.def("linear_rows_cpu", &rast_kernels::linear_rows_cpu,
+        "x @ weight^T (+ bias) for 1 to 8 rows of x on CPU, every weight row read once.\n"
+        "x: contiguous float32 [M, K]; weight: float32 [N, K], contiguous rows; bias: float32 [N] or None.\n"
+        "Semantics: rast_kernels.ops.linear_rows.",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+
   m.def("philox_words_cpu", &rast_kernels::philox_words_cpu,
         "Philox4x32-10 words (int64 in [0, 2^32)) [B, num_columns] for CPU int64 seed[B], offset[B],\n"
         "same layout as rast_kernels.ops.philox.random_words.",

@@ -41,6 +41,11 @@ void rast_sample_pairs_cpu(const at::Tensor& base, const std::vector<at::Tensor>
 // (the layout of rast_kernels.ops.philox.random_words); exposed so tests can check the generator bit for bit.
 at::Tensor philox_words_cpu(const at::Tensor& seed, const at::Tensor& offset, int64_t num_columns);
 
+// out = x @ weight^T (+ bias) for 1 <= M <= 8 rows of x, every weight row read once (see linear_rows_cpu.h).
+// x: contiguous float32 [M, K]; weight: float32 [N, K] with contiguous rows (any row stride); bias: float32 [N] or
+// None. Returns a new float32 [M, N].
+at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 std::string parallel_backend();
 
 #ifdef WITH_CUDA

@@ -287,14 +287,17 @@ def test_bench_speculative_toy(tmp_path, bench_modules, capsys):
     equal plain decoding's, e2e rows for every system, round costs, and MODEL rows computed from them."""
     out = tmp_path / "out"
     _main("bench_speculative", ["--parts", "acceptance", "e2e", "round_cost", "model", "--k", "2", "--alpha", "1",
-                                "--temperature", "0", "--problems", "4", "--batch", "2", "--repeats", "1",
+                                "--temperature", "0", "--problems", "4", "--batch", "2", "--round-batch", "2",
+                                "--repeats", "1",
                                 "--threads", "1", "--trio", "tiny", "--prompt-len", "8", "--out", str(out)], capsys)
     rows = json.loads((out / "speculative.json").read_text())["rows"]
     acc = [r for r in rows if r["part"] == "acceptance"]
     assert {r["draft"] for r in acc} == {"expert", "combination"} and all(r["identical"] for r in acc)
-    assert all(r["drafted"] == 2 * r["rounds"] and 1 <= r["tokens_per_round"] <= 3 for r in acc)
+    assert all(r["drafted"] == 2 * r["rounds"] and r["accepted"] <= r["checked"] <= r["drafted"] for r in acc)
+    assert all(1 <= r["tokens_per_round"] <= 3 and 0 <= r["acceptance"] <= 1 for r in acc)
     e2e = {r["system"]: r for r in rows if r["part"] == "e2e"}
-    assert set(e2e) == {"rast", "rast_speculative", "base_alone"} and e2e["rast_speculative"]["identical_to_rast"]
+    assert set(e2e) == {"rast", "rast_speculative", "base_alone", "base_alone_24"}
+    assert e2e["rast_speculative"]["identical_to_rast"] and e2e["base_alone_24"]["tokens"] == 24 * e2e["rast"]["prompts"]
     costs = [r for r in rows if r["part"] == "round_cost"]
     assert [r["k"] for r in costs] == [2] and costs[0]["round_ms"] > 0 and costs[0]["verify_ratio"] > 0
     model = [r for r in rows if r["part"] == "model"]

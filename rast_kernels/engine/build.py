@@ -109,7 +109,8 @@ def build_engine(base, expert, expert_base, cfg: EngineConfig) -> Parts:
                   use_cuda_graph=bool(cfg.use_cuda_graph and device.type == "cuda" and one_device),
                   # (sharded experts' collectives on side streams could interleave differently on other ranks)
                   overlap_models=bool(cfg.overlap_models and device.type == "cuda" and one_device
-                                      and len(lane_roles) > 1 and not (parallel is not None and cfg.shard_experts)))
+                                      and len(lane_roles) > 1 and not (parallel is not None and cfg.shard_experts)
+                                      and not cfg.speculative_tokens))  # a round orders its lanes itself
     lane_of = {role: lane_roles.index(shared.get(role, role)) for role in roles}
     # (expert lane, expert-base lane) per pair; the base alone samples base + alpha * (base - base) == base
     pairs = [(lane_of[e], lane_of[eb]) for e, eb in zip(roles[1::2], roles[2::2])] or [(0, 0)]

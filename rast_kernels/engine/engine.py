@@ -259,8 +259,9 @@ class RastEngine:
 
     def stats(self) -> dict:
         """Counts for monitoring: requests running / waiting, KV blocks used / total, tokens generated; with
-        speculation also row-rounds, drafted tokens, accepted drafts and tokens kept (since construction, as of
-        the last window read; no device synchronisation)."""
+        speculation also (``speculative_*``, since construction, as of the last window read; no device
+        synchronisation) row-rounds, drafted tokens, drafts checked against the target, accepted drafts, tokens
+        kept, the mean tokens per round and the acceptance rate (accepted / checked)."""
         out = dict(running=self.scheduler.num_running, waiting=len(self.scheduler.waiting),
                    kv_blocks_used=self.allocator.num_used, kv_blocks_total=self.allocator.num_blocks,
                    block_size=self.block_size, tokens_generated=self.tokens_generated)
@@ -268,6 +269,7 @@ class RastEngine:
             spec = self.speculation.stats(self.processor.device_counters)
             out.update({f"speculative_{k}": v for k, v in spec.items()})
             out["speculative_tokens_per_round"] = spec["emitted"] / spec["rounds"] if spec["rounds"] else 0.0
+            out["speculative_acceptance"] = spec["accepted"] / spec["checked"] if spec["checked"] else 0.0
         return out
 
     # ------------------------------------------------------------------ the step

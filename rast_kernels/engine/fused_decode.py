@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.linear_rows import MAX_ROWS, linear_rows, linear_rows_available
 from ..ops.paged_attention import paged_decode_attention, paged_multi_token_attention
 from ..ops.rms_norm import add_rms_norm
 from ..ops.rope_cache import rope_cache_write
@@ -137,11 +138,12 @@ class FusedDecoder:
         Concatenate the q/k/v and the gate/up weights (module docstring); this re-points the model's
         parameters to views of the concatenated tensors.
     onednn : bool or None
-        Run the linear layers through oneDNN (:func:`onednn_linear`) instead of ``nn.functional.linear``. None
-        (default): on for float32 models on CPU when oneDNN is available. At decode a linear layer is a few
-        matrix-vector products; PyTorch's CPU ``linear`` goes to MKL, which on the AMD EPYC development VM reads
-        the weights at 13-17 GB/s for one row and 5-9 GB/s for four, against 23-30 and 17 GB/s through oneDNN
-        (``benchmarks/RESULTS.md``). Same dot products, another summation order (fp32 rounding noise).
+        Run the linear layers through :func:`cpu_linear` (the weight-streaming ``linear_rows`` kernel for up to 8
+        rows, oneDNN above) instead of ``nn.functional.linear``. None (default): on for float32 models on CPU when
+        oneDNN is available. At decode a linear layer is a few matrix-vector products; PyTorch's CPU ``linear``
+        goes to MKL, which on the AMD EPYC development VM reads the weights at 13-17 GB/s for one row and 5-9 GB/s
+        for four, against 23-30 and 17 GB/s through oneDNN (``benchmarks/RESULTS.md``). Same dot products,
+        another summation order (fp32 rounding noise).
     """
 
     def __init__(self, model, backend: str = "auto", fuse_projections: bool = True, onednn: Optional[bool] = None):
@@ -154,7 +156,7 @@ class FusedDecoder:
             p = next(model.parameters())
             onednn = p.device.type == "cpu" and p.dtype == torch.float32 and onednn_linear_available()
         self.onednn = bool(onednn)
-        self.linear = onednn_linear if self.onednn else nn.functional.linear
+        self.linear = cpu_linear if self.onednn else nn.functional.linear
         cfg = model.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -231,6 +233,15 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """``x @ weight.T + bias`` through oneDNN (the op PyTorch's own CPU inference compiler uses), on the plain
     ``[N, K]`` weight: no packed copy, no extra memory. CPU tensors."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused forward's float32 CPU linear layer: :func:`~rast_kernels.ops.linear_rows.linear_rows` for up to
+    ``MAX_ROWS`` rows (a decode step of up to 8 rows, a speculative verify pass: the weight read once, and a row's
+    result independent of the other rows), oneDNN (:func:`onednn_linear`) for more rows or without the kernel."""
+    if x.shape[0] <= MAX_ROWS and linear_rows_available():
+        return linear_rows(x, weight, bias)
+    return onednn_linear(x, weight, bias)
 
 
 @functools.lru_cache(maxsize=None)

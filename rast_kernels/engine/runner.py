@@ -102,7 +102,7 @@ class StepRunner:
         self.pad_to_buckets = use_cuda_graph  # eager runs exactly the rows it has (tests may pad on CPU)
         self.fused = all(lane.decoder is not None for lane in lanes)
         self.positions = torch.arange(max_seq_len + 64, device=self.device)
-        self.overlap_models = overlap_models and speculation is None
+        self.overlap_models = overlap_models
         self._streams = [None] + [torch.cuda.Stream(self.device) if self.overlap_models else None for _ in lanes[1:]]
         self._graphs: dict = {}
         self._ran: set = set()  # decode keys that ran once (a failure before that is a fast-path failure)

@@ -155,6 +155,7 @@ class Scheduler:
         self.slots: List[Optional[Sequence]] = [None] * int(num_slots)
         self.waiting: Deque[Sequence] = deque()
         self.window = 0                  # plans with a decode window so far
+        self.width = 0                   # KV positions a row may write per window (set by schedule)
         self._admissions = itertools.count()
         self._deactivate: List[int] = []  # slots whose device rows must stop, for the next plan
         self._grown: dict = {}            # sequence -> its block count before this plan's reservations

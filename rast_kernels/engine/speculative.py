@@ -36,7 +36,9 @@ from ..ops.rast_sample import sample_slots
 from ..params import ParamError
 from .slot_state import DEFAULT_RING
 
-STATS = ("rounds", "drafted", "accepted", "emitted")  # row-rounds, draft tokens, accepted drafts, tokens kept
+# row-rounds, draft tokens, drafts compared with the target (up to the first mismatch, within the row's end), drafts
+# accepted, tokens kept
+STATS = ("rounds", "drafted", "checked", "accepted", "emitted")
 
 
 class Speculation:
@@ -136,8 +138,12 @@ class Speculation:
         return tok
 
     def _count(self, active, accepted, kept) -> None:
+        """Add one round to the totals (:data:`STATS`). A draft counts as checked when its target was decided:
+        every draft before it matched and the row had not ended before it (EOS, length); the agreement rate
+        ``accepted / checked`` is then the per-draft probability that the draft equals RAST's token."""
         if self.counters is None:
             self.counters = torch.zeros(len(STATS), dtype=torch.int64, device=active.device)
         a = active.long()
-        self.counters += torch.stack([a.sum(), a.sum() * self.tokens, (torch.minimum(accepted, kept) * a).sum(),
-                                      (kept * a).sum()])
+        checked = torch.minimum(torch.minimum(accepted + 1, kept), torch.full_like(kept, self.tokens))
+        self.counters += torch.stack([a.sum(), a.sum() * self.tokens, (checked * a).sum(),
+                                      (torch.minimum(accepted, checked) * a).sum(), (kept * a).sum()])

@@ -109,13 +109,14 @@ def build_summary(datasets, configs, settings: Settings, records, decode=None) -
 def run_stats(wall: float, loading: float, tokens: int, resumed: int, speculative=None) -> dict:
     """The summary's ``run`` entry: wall and model-loading seconds, new tokens, tokens/s over the time not spent
     loading (None when nothing was generated), and how many samples were already done; with speculative decoding
-    (``speculative``: summed ``RastEngine.stats()`` counts ``rounds``, ``drafted``, ``accepted``, ``emitted``) also
-    those counts, the acceptance rate (accepted / drafted) and the mean tokens per round."""
+    (``speculative``: summed ``RastEngine.stats()`` counts ``rounds``, ``drafted``, ``checked``, ``accepted``,
+    ``emitted``) also those counts, the acceptance rate (accepted / checked) and the mean tokens per round."""
     gen = wall - loading
     out = dict(wall_s=round(wall, 3), loading_s=round(loading, 3), new_tokens=tokens,
                tokens_per_s=round(tokens / gen, 1) if gen > 0 and tokens else None, resumed_samples=resumed)
     if speculative and speculative.get("rounds"):
-        out["speculative"] = dict(speculative, acceptance=round(speculative["accepted"] / speculative["drafted"], 4),
+        acceptance = speculative["accepted"] / max(1, speculative["checked"])
+        out["speculative"] = dict(speculative, acceptance=round(acceptance, 4),
                                   tokens_per_round=round(speculative["emitted"] / speculative["rounds"], 3))
     return out
 

@@ -220,7 +220,8 @@ class _Tally:
     def add_engine(self, engine) -> None:
         """Count what an engine reports about its speculative rounds (nothing without speculation)."""
         self.speculative.update({k[len("speculative_"):]: v for k, v in engine.stats().items()
-                                 if k.startswith("speculative_") and k != "speculative_tokens_per_round"})
+                                 if k.startswith("speculative_") and k not in ("speculative_tokens_per_round",
+                                                                               "speculative_acceptance")})
 
     def add(self, rec: dict) -> None:
         """Count one new sample record."""

@@ -7,7 +7,7 @@ Exposed (``GET /metrics``):
   every step and every abort): ``rast_requests_running`` and ``rast_requests_waiting`` (sequences: a request
   with ``n`` samples counts ``n``), ``rast_kv_blocks_used``, ``rast_kv_blocks_total``, ``rast_kv_block_size``;
   ``rast_requests_queued`` (HTTP requests accepted but not yet handed to the engine);
-* with speculative decoding: ``rast_speculative_{rounds,drafted,accepted,emitted}_total`` and the gauge
+* with speculative decoding: ``rast_speculative_{rounds,drafted,checked,accepted,emitted}_total`` and the gauge
   ``rast_speculative_tokens_per_round`` (the engine's counts as of its last read window);
 * counters: ``rast_generation_tokens_total`` (the engine's count), ``rast_prompt_tokens_total``,
   ``rast_http_requests_total{endpoint,status}``, ``rast_samples_finished_total{reason}``;
@@ -121,6 +121,7 @@ class Metrics:
             if "speculative_rounds" in s:  # an engine with speculative_tokens > 0
                 for key, help_ in (("rounds", "Speculative row-rounds (one row, one round)."),
                                    ("drafted", "Tokens the small models drafted."),
+                                   ("checked", "Drafts compared with RAST's token (up to the first mismatch)."),
                                    ("accepted", "Drafted tokens accepted (equal to RAST's own token)."),
                                    ("emitted", "Tokens kept by speculative rounds.")):
                     name = f"rast_speculative_{key}_total"
