@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trio", default=None, choices=sorted(models.TRIOS), help="default: the tiny random trio")
     p.add_argument("--batch", type=_cli.int_range(1, 256), nargs="+", default=[1, 4], help="step batches (1 4)")
     p.add_argument("--pairs", type=_cli.int_range(2), default=300, help="step alternations per batch (300)")
-    p.add_argument("--rounds", type=_cli.int_range(1), default=5, help="serving alternations (5; 0 skips)")
+    p.add_argument("--rounds", type=_cli.int_range(0), default=5, help="serving alternations (5; 0 skips)")
     p.add_argument("--requests", type=_cli.int_range(1), default=48, help="serving requests (48)")
     p.add_argument("--device", type=_cli.device, default="cpu", help="device (default cpu)")
     p.add_argument("--out", type=_cli.output_dir, default=None, help="directory for revision.json")

@@ -15,11 +15,13 @@ Parts (``--parts``, run in the order given; each writes its rows to ``speculativ
 * ``round_cost``: random-init models with real configs (``--trio``, default ``qwen-small`` = Qwen2.5-1.5B +
   2 x Qwen2.5-0.5B; ``qwen`` = 7B + 2 x 1.5B on a GPU): the time of one speculative round against ``k + 1`` plain
   decode steps, and the base's forward over ``k + 1`` tokens against its one-token forward, both on the engine's
-  own decode path (``--round-batch`` rows, ``--prompt-len`` tokens of context).
-* ``model`` (computed last, from the parts that ran): predicted speedups (MODEL, not measured): ``tokens per round x plain step / round``, from the
-  measured round costs and the toy's acceptance, and for larger trios from a weight-bandwidth model (a step reads
-  every model's weights once; a ``Q``-token forward costs ``verify_ratio(Q)`` one-token forwards: as measured here,
-  and 1.0, the memory-bound case); with the per-token agreement ``p`` at which speculation breaks even.
+  own decode path (``--round-batch`` rows, ``--prompt-len`` tokens of context); each pair of the two timed
+  alternately ``2 x --repeats`` times, reported as the median of the per-pair ratios.
+* ``model`` (computed last, from the parts that ran): predicted speedups (MODEL, not measured):
+  ``tokens per round x plain step / round``, from the measured round costs and the toy's acceptance, and for
+  larger trios from a weight-bandwidth model (a step reads every model's weights once; a ``Q``-token forward
+  costs ``verify_ratio(Q)`` one-token forwards: as measured here, and 1.0, the memory-bound case); with the
+  per-token agreement ``p`` at which speculation breaks even.
 
 Examples::
 
@@ -184,61 +186,71 @@ def _running_engine(trio, tokenizer, args, batch: int, k: int) -> RastEngine:
     return engine
 
 
-def _median_s(fn, repeats: int, device) -> float:
-    fn()  # warm-up (and graph capture on CUDA)
-    times = []
-    for _ in range(max(3, repeats)):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _timed_s(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
 
 
-def _per_step_s(engine: RastEngine, repeats: int, device) -> float:
-    """A steady-state ``step()`` (a window of ``poll_interval`` decode steps or rounds, with the scheduler's block
-    reservations and the host's poll) divided by its steps: bench_decode.py's statistic."""
-    return _median_s(engine.step, repeats, device) / engine.poll_interval
+def _interleaved(fa, fb, pairs: int, device) -> tuple:
+    """``(median s of fa, median s of fb, median of the per-pair ratios fb / fa)`` over ``pairs`` alternations
+    (a then b, b then a, ...), after one warm-up call of each (graph capture on CUDA): the per-pair ratio cancels
+    the drift of a shared machine, where single timings vary by +-30 %."""
+    fa(), fb()
+    ta, tb = [], []
+    for i in range(pairs):
+        first, second = (fa, fb) if i % 2 == 0 else (fb, fa)
+        t1, t2 = _timed_s(first, device), _timed_s(second, device)
+        ta.append(t1 if i % 2 == 0 else t2)
+        tb.append(t2 if i % 2 == 0 else t1)
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
-def _forward_s(engine: RastEngine, b: int, q: int, repeats: int, device) -> float:
-    """The base lane's forward over ``q`` new tokens per row at the rows' positions, on the engine's decode path
-    (its writes go to the scratch slot: the rows' caches are untouched)."""
+def _base_forward(engine: RastEngine, b: int, q: int):
+    """A call of the base lane's forward over ``q`` new tokens per row at the rows' positions, on the engine's
+    decode path (its writes go to the scratch slot: the rows' caches are untouched)."""
     runner, st = engine.runner, engine.runner.state
     pos = st.pos[:b].unsqueeze(1) + torch.arange(q, device=st.pos.device)
     gathered = 0 if runner.fused and runner.use_cuda_graph else kv_bucket(int(pos.max()) + 1, engine.max_seq_len)
     view = runner.kv_view(b, pos, ~st.done[:b], gathered, torch.zeros_like(pos, dtype=torch.bool))
     ids = st.tok[:b].unsqueeze(1).expand(b, q).contiguous()
-    with torch.no_grad():
-        return _median_s(lambda: engine.lanes[0].forward(ids, pos, view), repeats, device)
+
+    def forward():
+        with torch.no_grad():
+            engine.lanes[0].forward(ids, pos, view)
+    return forward
 
 
 def round_cost_rows(args, checkpoint) -> list:
-    """One round against k + 1 plain steps, and the base's Q-token forward against its 1-token forward."""
+    """One round against k + 1 plain steps, and the base's Q-token forward against its 1-token forward, each
+    interleaved ``2 x --repeats`` times. A step is a steady-state ``step()`` (a window of ``poll_interval`` decode
+    steps or rounds, with the scheduler's block reservations and the host's poll) divided by its steps:
+    bench_decode.py's statistic."""
     trio, names = models.build_trio(None if args.trio == "tiny" else args.trio, args.device, DTYPES[args.dtype])
     tokenizer = models.placeholder_tokenizer(470 if args.trio == "tiny" else models.TOKENIZER_LEN[
         trio[0].config.model_type])
+    pairs = max(3, 2 * args.repeats)
     rows = []
     for b in args.round_batch:
         plain = _running_engine(trio, tokenizer, args, b, 0)
-        step = _per_step_s(plain, args.repeats, args.device)
-        forward = {q: _forward_s(plain, b, q, args.repeats, args.device) for q in sorted({1} | {k + 1 for k in args.k})}
-        fused = plain.fused_decode
-        del plain
         for k in args.k:
+            one_s, q_s, verify = _interleaved(_base_forward(plain, b, 1), _base_forward(plain, b, k + 1), pairs,
+                                              args.device)
             spec = _running_engine(trio, tokenizer, args, b, k)
-            rnd = _per_step_s(spec, args.repeats, args.device)
+            step_s, round_s, ratio = _interleaved(plain.step, spec.step, pairs, args.device)
             del spec
+            step, rnd = step_s / plain.poll_interval, round_s / plain.poll_interval
             rows.append(dict(part="round_cost", trio=args.trio, models=names, dtype=args.dtype, batch=b, k=k,
-                             device=device_name(args.device),
-                             fused_decode=fused, plain_step_ms=step * 1e3, round_ms=rnd * 1e3,
-                             round_vs_plain_steps=rnd / ((k + 1) * step), base_forward_1_ms=forward[1] * 1e3,
-                             base_forward_q_ms=forward[k + 1] * 1e3, verify_ratio=forward[k + 1] / forward[1]))
+                             device=device_name(args.device), fused_decode=plain.fused_decode, pairs=pairs,
+                             plain_step_ms=step * 1e3, round_ms=rnd * 1e3, round_vs_plain_steps=ratio / (k + 1),
+                             base_forward_1_ms=one_s * 1e3, base_forward_q_ms=q_s * 1e3, verify_ratio=verify))
             print(f"round_cost {args.trio} B={b} k={k}: round {rnd * 1e3:.1f} ms = "
                   f"{rows[-1]['round_vs_plain_steps']:.2f} x (k + 1) plain steps of {step * 1e3:.1f} ms; base "
-                  f"forward over {k + 1} tokens {rows[-1]['verify_ratio']:.2f} x one token")
+                  f"forward over {k + 1} tokens {verify:.2f} x one token (medians of {pairs} interleaved pairs)")
             checkpoint(rows)
+        del plain
     return rows
 
 

@@ -6,6 +6,6 @@ from .parallel import ParallelContext, generate_data_parallel, init_parallel
 from .ops import (add_rms_norm, decode_attention, decode_attention_reference, rast_sample,
                   rast_sample_reference, rope_cache_write, silu_mul)
 
-__all__ = ["EngineConfig", "GenerationOutput", "ParallelContext", "RastEngine", "SamplingParams", "add_rms_norm", "decode_attention",
-           "decode_attention_reference", "generate_data_parallel", "init_parallel", "rast_generate", "rast_sample", "rast_sample_reference", "rope_cache_write",
-           "silu_mul", "__version__"]
+__all__ = ["EngineConfig", "GenerationOutput", "ParallelContext", "RastEngine", "SamplingParams", "add_rms_norm",
+           "decode_attention", "decode_attention_reference", "generate_data_parallel", "init_parallel", "rast_generate",
+           "rast_sample", "rast_sample_reference", "rope_cache_write", "silu_mul", "__version__"]

@@ -269,6 +269,7 @@ def test_every_entry_point_takes_every_engine_setting():
     generate = _load_script(ROOT / "python" / "generate.py")
     for name, parser in (("eval", eval_parser()), ("serve", serve_parser()), ("generate.py", generate.build_parser())):
         words = set(parser.format_help().replace(",", " ").replace("[", " ").replace("]", " ").split())
+        special = {"devices": "--device", "use_cuda_graph": "--no-cuda-graph"}
         for field in FIELDS:
-            flag = {"devices": "--device", "use_cuda_graph": "--no-cuda-graph"}.get(field, "--" + field.replace("_", "-"))
+            flag = special.get(field, "--" + field.replace("_", "-"))
             assert flag in words, (name, flag)

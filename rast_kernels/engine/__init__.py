@@ -6,5 +6,5 @@ from .engine import RastEngine
 from .outputs import GenerationOutput
 from .sampling_params import SamplingParams, sample_seed
 
-__all__ = ["EngineConfig", "GenerationOutput", "RastEngine", "SamplingParams", "add_engine_arguments", "clear_engine_cache", "get_engine", "mix_seed",
-           "rast_generate", "sample_seed"]
+__all__ = ["EngineConfig", "GenerationOutput", "RastEngine", "SamplingParams", "add_engine_arguments",
+           "clear_engine_cache", "get_engine", "mix_seed", "rast_generate", "sample_seed"]

@@ -12,7 +12,8 @@ Owns
   values to :attr:`PagedKVCache.write_slots` and returns each row's cache gathered through
   :attr:`PagedKVCache.gather_index` ``[b, L]`` into a dense ``[b, H_kv, L, D]`` view (the new tokens included),
   which every attention implementation reads with the engine's additive ``[b, 1, Q, L]`` mask
-  (:class:`~.lanes.KVView`). Prefill chunks, decode steps and speculative verify passes are all this call. The engine's fused decode forward reads the pools directly
+  (:class:`~.lanes.KVView`). Prefill chunks, decode steps and speculative verify passes are all this call. The
+  engine's fused decode forward reads the pools directly
   (:func:`rast_kernels.ops.paged_attention.paged_decode_attention`) and needs no gather.
 
 Invariants: pools are allocated once (:meth:`PagedKVCache.allocate`, before any graph capture); the index tensors

@@ -56,7 +56,8 @@ class EngineConfig:
         _int(self, "tensor_parallel_size", 1, none_ok=True)
         _int(self, "speculative_tokens", 0)
         if self.speculative_tokens > MAX_SPECULATIVE_TOKENS:
-            raise ParamError("speculative_tokens", f"must be <= {MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}")
+            raise ParamError("speculative_tokens",
+                             f"must be <= {MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, numbers.Real) or not 0 < u <= 1:
             raise ParamError("gpu_memory_utilization", f"must be a number in (0, 1], got {u!r}")

@@ -84,7 +84,8 @@ class Lane:
         extra = {}
         if self.logits_to_keep:
             extra["logits_to_keep"] = q if keep is None else keep
-        if self.attn == "rast_decode" and q == 1 and view.lens is not None:  # the decode-attention kernel reads these bounds, not the mask
+        # the decode-attention kernel reads these bounds, not the mask
+        if self.attn == "rast_decode" and q == 1 and view.lens is not None:
             extra.update(rast_start=torch.zeros_like(view.lens), rast_end=view.lens)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,

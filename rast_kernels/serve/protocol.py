@@ -200,7 +200,8 @@ class CompletionRequest(_Common):
     prompt: Prompt
     # 0 scores the prompt without generating (echo); the upper bound is the server's max_seq_len
     max_tokens: Optional[_int_range("max_new_tokens", low=0)] = Field(None, description=_MAX_TOKENS)
-    logprobs: Optional[_int(ge=0, le=MAX_TOP_LOGPROBS)] = Field(None, description="0: the sampled tokens' logprobs; > 0 (with echo): top alternatives")
+    logprobs: Optional[_int(ge=0, le=MAX_TOP_LOGPROBS)] = Field(
+        None, description="0: the sampled tokens' logprobs; > 0 (with echo): top alternatives")
     echo: bool = Field(False, description="return the prompt before the completion (and, with logprobs, the "
                                           "prompt tokens' logprobs under the combined distribution)")
     best_of: Optional[_int()] = Field(None, description="null or n")

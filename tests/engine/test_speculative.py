@@ -105,7 +105,8 @@ def test_the_tight_pool_preempts_under_speculation(trio, tokenizer):
         for out in engine.step():
             if out.finished:
                 got[(ids[out.request_id], 0)] = out
-        preempted = max(preempted, sum(s.preemptions for s in engine.scheduler.running + list(engine.scheduler.waiting)))
+        rows = engine.scheduler.running + list(engine.scheduler.waiting)
+        preempted = max(preempted, sum(s.preemptions for s in rows))
     assert preempted > 0, "the pool was meant to force preemptions"
     assert {key: o.token_ids for key, o in got.items()} == {key: o.token_ids for key, o in want.items()}
     assert engine.allocator.num_free == engine.allocator.num_blocks

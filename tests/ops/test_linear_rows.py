@@ -48,7 +48,8 @@ def test_nonfinite_values_propagate():
     w[1, 8] = float("inf")  # in the tail
     w[2, 0] = float("nan")  # in a vector block
     got = linear_rows(x, w)
-    assert torch.equal(got[:, 0], torch.full((2,), 9.0)) and torch.isinf(got[:, 1]).all() and torch.isnan(got[:, 2]).all()
+    assert torch.equal(got[:, 0], torch.full((2,), 9.0))
+    assert torch.isinf(got[:, 1]).all() and torch.isnan(got[:, 2]).all()
 
 
 def test_argument_errors_name_the_argument():
