@@ -23,14 +23,13 @@ import math
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import models
 from bench_serving import load_baseline_package
-from common import device_name, run_to_json, sync, utc_now, versions
+from common import device_name, interleaved, run_to_json, timed_s, utc_now, versions
 from rast_kernels import _cli
 
 
@@ -64,21 +63,12 @@ def _running(pkg, trio, tokenizer, batch: int, device):
 def step_rows(pkgs: dict, trio, tokenizer, args) -> list:
     rows = []
     for batch in args.batch:
-        engines = {name: _running(pkg, trio, tokenizer, batch, args.device) for name, pkg in pkgs.items()}
-        times, ratios = {name: [] for name in pkgs}, []
-        for r in range(args.pairs):
-            pair = {}
-            for name in (("new", "old") if r % 2 else ("old", "new")):
-                sync(args.device)
-                t = time.perf_counter()
-                engines[name].step()
-                sync(args.device)
-                pair[name] = (time.perf_counter() - t) / engines[name].poll_interval
-                times[name].append(pair[name] * 1e3)
-            ratios.append(pair["new"] / pair["old"])
-        rows.append(dict(measure=f"step_ms_B{batch}", batch=batch, new_ms=statistics.median(times["new"]),
-                         old_ms=statistics.median(times["old"]), new_over_old=statistics.median(ratios),
-                         pairs=args.pairs))
+        old, new = (_running(pkgs[name], trio, tokenizer, batch, args.device) for name in ("old", "new"))
+        old_s, new_s, ratio = interleaved(old.step, new.step, args.pairs, args.device, warmup=False)
+        # per decode step: a step() runs poll_interval of them
+        rows.append(dict(measure=f"step_ms_B{batch}", batch=batch, new_ms=new_s / new.poll_interval * 1e3,
+                         old_ms=old_s / old.poll_interval * 1e3,
+                         new_over_old=ratio * old.poll_interval / new.poll_interval, pairs=args.pairs))
         print(f"step B={batch}: new {rows[-1]['new_ms']:.3f} ms, old {rows[-1]['old_ms']:.3f} ms, "
               f"median pair ratio {rows[-1]['new_over_old']:.3f}")
     return rows
@@ -96,11 +86,9 @@ def serving_row(pkgs: dict, trio, tokenizer, args, vocab: int) -> dict:
             pkg = pkgs[name]
             params = [pkg.SamplingParams(max_new_tokens=n, eos_token_id=[], temperature=1.0, top_p=0.95, seed=i)
                       for i, (_, n) in enumerate(work)]
-            sync(args.device)
-            t = time.perf_counter()
-            outs = engines[name].generate([w[0] for w in work], params)
-            sync(args.device)
-            rates[name].append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t))
+            outs = []
+            s = timed_s(lambda: outs.extend(engines[name].generate([w[0] for w in work], params)), args.device)
+            rates[name].append(sum(len(o.token_ids) for o in outs) / s)
             tokens[name] = [o.token_ids for o in outs]
     row = dict(measure="serving_tokens_per_s", new=statistics.median(rates["new"]), old=statistics.median(rates["old"]),
                runs_new=rates["new"], runs_old=rates["old"], identical=tokens["new"] == tokens["old"])

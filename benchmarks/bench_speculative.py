@@ -38,13 +38,12 @@ import os
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import models
-from common import device_name, run_to_json, sync, utc_now, versions
+from common import device_name, interleaved, run_to_json, timed_s, utc_now, versions
 from rast_kernels import RastEngine, SamplingParams, _cli
 from rast_kernels.engine.plan import kv_bucket
 from rast_kernels.toy.common import DEFAULT_OUT, ROLES
@@ -152,11 +151,8 @@ def e2e_rows(args, checkpoint) -> list:
             engine.generate(prompts[:batch], **per[name])
         for _ in range(args.repeats):
             for name, engine in systems.items():
-                sync(args.device)
-                t = time.perf_counter()
-                outs = engine.generate(prompts, **per[name])
-                sync(args.device)
-                times[name].append(time.perf_counter() - t)
+                outs = []
+                times[name].append(timed_s(lambda: outs.extend(engine.generate(prompts, **per[name])), args.device))
                 tokens[name] = [o.token_ids for o in outs]
         for name in systems:
             n = sum(len(t) for t in tokens[name])
@@ -184,28 +180,6 @@ def _running_engine(trio, tokenizer, args, batch: int, k: int) -> RastEngine:
         engine.add_request(ids, SamplingParams(temperature=1.0, max_new_tokens=480, eos_token_id=[], seed=i))
     engine.step()  # admits, prefills and runs a first window: every row is running now
     return engine
-
-
-def _timed_s(fn, device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
-def _interleaved(fa, fb, pairs: int, device) -> tuple:
-    """``(median s of fa, median s of fb, median of the per-pair ratios fb / fa)`` over ``pairs`` alternations
-    (a then b, b then a, ...), after one warm-up call of each (graph capture on CUDA): the per-pair ratio cancels
-    the drift of a shared machine, where single timings vary by +-30 %."""
-    fa(), fb()
-    ta, tb = [], []
-    for i in range(pairs):
-        first, second = (fa, fb) if i % 2 == 0 else (fb, fa)
-        t1, t2 = _timed_s(first, device), _timed_s(second, device)
-        ta.append(t1 if i % 2 == 0 else t2)
-        tb.append(t2 if i % 2 == 0 else t1)
-    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
 def _base_forward(engine: RastEngine, b: int, q: int):
@@ -236,10 +210,10 @@ def round_cost_rows(args, checkpoint) -> list:
     for b in args.round_batch:
         plain = _running_engine(trio, tokenizer, args, b, 0)
         for k in args.k:
-            one_s, q_s, verify = _interleaved(_base_forward(plain, b, 1), _base_forward(plain, b, k + 1), pairs,
-                                              args.device)
+            one_s, q_s, verify = interleaved(_base_forward(plain, b, 1), _base_forward(plain, b, k + 1), pairs,
+                                             args.device)
             spec = _running_engine(trio, tokenizer, args, b, k)
-            step_s, round_s, ratio = _interleaved(plain.step, spec.step, pairs, args.device)
+            step_s, round_s, ratio = interleaved(plain.step, spec.step, pairs, args.device)
             del spec
             step, rnd = step_s / plain.poll_interval, round_s / plain.poll_interval
             rows.append(dict(part="round_cost", trio=args.trio, models=names, dtype=args.dtype, batch=b, k=k,

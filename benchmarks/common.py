@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: run metadata (versions, device, date), atomic JSON output,
-device sync and the copy-bandwidth probe that sets the scripts' memory-bandwidth floors."""
+device sync, interleaved A/B timing and the copy-bandwidth probe that sets the scripts' memory-bandwidth floors."""
 from __future__ import annotations
 
 import datetime
@@ -75,6 +75,32 @@ def sync(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_s(fn, device) -> float:
+    """Seconds of one call of ``fn``, the device's queued work included."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fa, fb, pairs: int, device, warmup: bool = True) -> tuple:
+    """``(median s of fa, median s of fb, median of the per-pair ratios fb / fa)`` over ``pairs`` alternations
+    (a then b, b then a, ...), after one untimed call of each with ``warmup`` (graph capture on CUDA): the per-pair
+    ratio cancels the drift of a shared machine, where single timings vary by +-30 %."""
+    if warmup:
+        fa(), fb()
+    ta, tb = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            ta.append(timed_s(fa, device))
+            tb.append(timed_s(fb, device))
+        else:
+            tb.append(timed_s(fb, device))
+            ta.append(timed_s(fa, device))
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
 def copy_bandwidth(device, mib: int = 1024, repeats: int = 10) -> float:

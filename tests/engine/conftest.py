@@ -56,6 +56,10 @@ def make_model(family: str, vocab: int, seed: int, **over):
 # different padded LM-head widths, all >= len(tokenizer)
 WIDTHS = {"base": 320, "expert": 304, "expert_base": 312}
 
+# prompts of mixed lengths and scripts: the whole-engine workloads (test_serving.py, test_speculative.py)
+PROMPTS = ["the quick brown fox", "héllo", "a stitch in time saves nine; the early bird gets the worm", "日本語",
+           "numbers 0123", "the lazy dog", "symbols !?", "a"]
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

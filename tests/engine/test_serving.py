@@ -13,11 +13,9 @@ import torch
 from rast_kernels import RastEngine, SamplingParams, rast_sample_reference
 from rast_kernels.engine import mix_seed, sample_seed
 
-from conftest import WIDTHS, make_model
+from conftest import PROMPTS, WIDTHS, make_model
 
 CPU = "cpu"
-PROMPTS = ["the quick brown fox", "héllo", "a stitch in time saves nine; the early bird gets the worm", "日本語",
-           "numbers 0123", "the lazy dog", "symbols !?", "a"]
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,9 @@ from rast_kernels import RastEngine, SamplingParams
 from rast_kernels.params import ParamError
 from rast_kernels.toy.common import DEFAULT_OUT, ROLES
 
-from conftest import WIDTHS, make_model
+from conftest import PROMPTS, WIDTHS, make_model
 
 CPU = "cpu"
-PROMPTS = ["the quick brown fox", "héllo", "a stitch in time saves nine; the early bird gets the worm", "日本語",
-           "numbers 0123", "the lazy dog", "symbols !?", "a"]
 
 
 @pytest.fixture(scope="module")
