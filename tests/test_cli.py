@@ -200,8 +200,10 @@ def test_benchmark_user_errors(tmp_path, bench, capsys):
         "profile_decode_step": [(["--out", str(tmp_path), "--steps", "0"], "--steps"),
                                 (["--out", str(tmp_path), "--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
         "bench_speculative": [(["--k", "0"], "--k"), (["--parts", "nope"], "--parts"), (["--batch", "0"], "--batch"),
-                              (["--problems", "0"], "--problems"), (["--out", bad_out], "--out")],
-        "bench_revision": [(["--pairs", "1"], "--pairs"), (["--batch", "0"], "--batch"), (["--out", bad_out], "--out")],
+                              (["--problems", "0"], "--problems"), (["--round-batch", "0"], "--round-batch"),
+                              (["--out", bad_out], "--out")],
+        "bench_revision": [(["--pairs", "1"], "--pairs"), (["--batch", "0"], "--batch"),
+                           (["--rounds", "-1"], "--rounds"), (["--out", bad_out], "--out")],
         "gpu_engine_checks": [(["--requests", "0"], "--requests"), (["--trio", "bogus"], "--trio"),
                               (["--max-seq-len", "100"], "--prompt-lens"),  # the default prompts do not fit
                               (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
